@@ -1,0 +1,337 @@
+"""Diffusion Transformer (DiT), Peebles & Xie, "Scalable Diffusion Models with Transformers" (2212.09748).
+
+Read top to bottom: helpers -> embedders -> blocks -> final layer -> model -> size table.
+
+The state_dict of `DiT` (with the default adaLN-Zero block) has exactly the key names and shapes of the
+official facebookresearch/DiT implementation, so the released checkpoints load with `strict=True`.
+Unlike the official code, the network does no label dropout and no classifier-free guidance: both belong
+to the training step and the sampler (see `diffusion/guidance.py`). The label `num_classes` is the null
+(unconditional) class.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Mlp, PatchEmbed
+from timm.models.vision_transformer import Attention, Block
+
+BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attn", "in-context")
+
+
+#################################################################################
+#                                   Helpers                                     #
+#################################################################################
+
+def modulate(x, shift, scale):
+    """adaLN: scale and shift the normalised tokens (N, T, D) by per-sample vectors (N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def approx_gelu():
+    # The paper's MLP uses the tanh approximation of GELU (as the official code does).
+    return nn.GELU(approximate="tanh")
+
+
+def sincos_1d(dim, pos):
+    """1-D sin-cos embedding (Vaswani et al. 2017) of positions (M,) -> (M, dim), computed in float64."""
+    assert dim % 2 == 0, f"sin-cos embedding needs an even width, got {dim}"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))  # (dim/2,)
+    out = pos.reshape(-1, 1).double() * omega[None]                                     # (M, dim/2)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)                          # (M, dim)
+
+
+def sincos_2d(dim, grid_h, grid_w):
+    """Fixed 2-D sin-cos positional embedding (MAE convention) for a grid_h x grid_w token grid.
+
+    Tokens are in row-major order; the first half of the channels encodes the column (x) index and the
+    second half the row (y) index, which is what the released DiT checkpoints were trained with.
+    """
+    assert dim % 4 == 0, f"2-D sin-cos embedding needs a width divisible by 4, got {dim}"
+    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, xs), sincos_1d(dim // 2, ys)], dim=1).float()  # (H*W, dim)
+
+
+#################################################################################
+#               Embedding layers for timesteps and class labels                 #
+#################################################################################
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of a (possibly fractional) timestep, then a 2-layer MLP (DDPM / ADM)."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        """(N,) timesteps -> (N, dim) features [cos(t w_i), sin(t w_i)], w_i = max_period^(-i/half)."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = F.pad(embedding, (0, 1))
+        return embedding
+
+    def forward(self, t):
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        # Under autocast the MLP runs in low precision; the features themselves are fp32.
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """A table of num_classes + 1 vectors; the last row is the null class used for guidance."""
+
+    def __init__(self, num_classes, hidden_size):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        self.num_classes = num_classes
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+#################################################################################
+#                                   Blocks                                      #
+#################################################################################
+
+class DiTBlock(nn.Module):
+    """Transformer block conditioned by adaptive layer norm (adaLN), with or without the zero-init gates.
+
+    adaLN-Zero (paper Sec. 3.2): the conditioning c regresses shift, scale and a gate per branch; the gate
+    is initialised to zero so every block starts as the identity.
+    """
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, gated=True):
+        super().__init__()
+        self.gated = gated
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=approx_gelu)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if gated else 4) * hidden_size))
+
+    def forward(self, x, c):
+        if self.gated:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        else:
+            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the image tokens (queries) to a short conditioning sequence."""
+
+    def __init__(self, hidden_size, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x, context):
+        N, T, D = x.shape
+        q = self.q(x).view(N, T, self.num_heads, -1).transpose(1, 2)                      # (N, h, T, D/h)
+        k, v = self.kv(context).view(N, -1, 2, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)                                      # (N, h, T, D/h)
+        return self.proj(out.transpose(1, 2).reshape(N, T, D))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Paper Sec. 3.2 "cross-attention block": a cross-attention layer over [t, y] after self-attention."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=approx_gelu)
+
+    def forward(self, x, context):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross_attn(self.norm_cross(x), context)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN, then a linear map from each token to its p x p x C_out patch."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+#################################################################################
+#                                  The model                                    #
+#################################################################################
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone: patchify -> N blocks -> unpatchify.
+
+    input_size: an int or (H, W), each divisible by patch_size (latent 32 for 256x256 images).
+    num_classes: number of real classes; id num_classes is the null class. An unconditional model is
+        num_classes=0, called with y=None (or all zeros).
+    learn_sigma: output 2C channels, epsilon then the variance interpolation v (improved DDPM).
+    block_type: "adaLN-Zero" (default), "adaLN", "cross-attn" or "in-context" (paper Fig. 3 / Table 4).
+    """
+
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        num_classes=1000,
+        learn_sigma=True,
+        block_type="adaLN-Zero",
+    ):
+        super().__init__()
+        height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"input size {height}x{width} is not divisible by the patch size {patch_size}; "
+                f"choose a patch size that divides it or resize the data (e.g. data.image_size)"
+            )
+        if block_type not in BLOCK_TYPES:
+            raise ValueError(f"unknown block_type {block_type!r}; choose one of {', '.join(BLOCK_TYPES)}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.block_type = block_type
+        self.grid_size = (height // patch_size, width // patch_size)
+
+        self.x_embedder = PatchEmbed((height, width), patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        # Fixed (not learned) sin-cos positions; a buffer, saved in the state_dict as the official code does.
+        self.register_buffer("pos_embed", sincos_2d(hidden_size, *self.grid_size).unsqueeze(0))
+
+        if block_type in ("adaLN-Zero", "adaLN"):
+            make_block = lambda: DiTBlock(hidden_size, num_heads, mlp_ratio, gated=block_type == "adaLN-Zero")
+        elif block_type == "cross-attn":
+            make_block = lambda: CrossAttentionBlock(hidden_size, num_heads, mlp_ratio)
+        else:  # in-context: t and y are two extra tokens in the sequence of a standard ViT block
+            make_block = lambda: Block(hidden_size, num_heads, mlp_ratio, qkv_bias=True, act_layer=approx_gelu)
+        self.blocks = nn.ModuleList([make_block() for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """All of the paper's initialisation, in one place."""
+        # Transformer layers: Xavier-uniform weights, zero biases (ViT).
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.apply(_basic_init)
+
+        # Patch embedding: initialise like the nn.Linear it is (not like a conv).
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+
+        # Label table and timestep MLP: N(0, 0.02).
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: zero the modulation regressors, so every gate starts at 0 and each block is the identity.
+        if self.block_type == "adaLN-Zero":
+            for block in self.blocks:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+
+        # Output layer zeroed: the initial prediction is exactly 0 (for every block type).
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) tokens -> (N, C, H, W) image."""
+        p, c = self.patch_size, self.out_channels
+        h, w = self.grid_size
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y=None):
+        """
+        x: (N, C, H, W) images or latents; t: (N,) timesteps, int or float; y: (N,) class ids, or None for
+        the null class. Returns (N, C_out, H, W).
+        """
+        if y is None:
+            y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p^2
+        t = self.t_embedder(t)                   # (N, D)
+        y = self.y_embedder(y)                   # (N, D)
+        c = t + y                                # (N, D)
+        if self.block_type == "in-context":
+            x = torch.cat([t[:, None], y[:, None], x], dim=1)  # (N, T + 2, D)
+            for block in self.blocks:
+                x = block(x)
+            x = x[:, 2:]                                        # (N, T, D)
+        elif self.block_type == "cross-attn":
+            context = torch.stack([t, y], dim=1)                # (N, 2, D)
+            for block in self.blocks:
+                x = block(x, context)                           # (N, T, D)
+        else:
+            for block in self.blocks:
+                x = block(x, c)                                 # (N, T, D)
+        x = self.final_layer(x, c)               # (N, T, p^2 * C_out)
+        return self.unpatchify(x)                # (N, C_out, H, W)
+
+
+#################################################################################
+#                                  Size table                                   #
+#################################################################################
+
+# Paper Table 1: the four configurations; each is used with patch sizes 2, 4 and 8.
+DIT_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+PATCH_SIZES = (2, 4, 8)
+
+
+def _constructor(size, patch_size):
+    def build(**kwargs):
+        return DiT(patch_size=patch_size, **DIT_SIZES[size], **kwargs)
+    build.__name__ = f"DiT_{size}_{patch_size}"
+    build.__doc__ = f"DiT-{size}/{patch_size}: {DIT_SIZES[size]}, patch size {patch_size}."
+    return build
+
+
+# "DiT-XL/2" -> constructor, as in the official repository: DiT_models["DiT-XL/2"](input_size=32, num_classes=1000).
+DiT_models = {f"DiT-{s}/{p}": _constructor(s, p) for s in DIT_SIZES for p in PATCH_SIZES}
