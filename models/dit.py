@@ -322,16 +322,18 @@ DIT_SIZES = {
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
+# Not in the paper: a CPU-sized model for the bundled-digits default and CI (DeiT-Tiny's width).
+EXTRA_SIZES = {"T": dict(depth=6, hidden_size=192, num_heads=3)}
 PATCH_SIZES = (2, 4, 8)
 
 
 def _constructor(size, patch_size):
     def build(**kwargs):
-        return DiT(patch_size=patch_size, **DIT_SIZES[size], **kwargs)
+        return DiT(patch_size=patch_size, **{**DIT_SIZES, **EXTRA_SIZES}[size], **kwargs)
     build.__name__ = f"DiT_{size}_{patch_size}"
-    build.__doc__ = f"DiT-{size}/{patch_size}: {DIT_SIZES[size]}, patch size {patch_size}."
+    build.__doc__ = f"DiT-{size}/{patch_size}, patch size {patch_size}."
     return build
 
 
 # "DiT-XL/2" -> constructor, as in the official repository: DiT_models["DiT-XL/2"](input_size=32, num_classes=1000).
-DiT_models = {f"DiT-{s}/{p}": _constructor(s, p) for s in DIT_SIZES for p in PATCH_SIZES}
+DiT_models = {f"DiT-{s}/{p}": _constructor(s, p) for s in (*DIT_SIZES, *EXTRA_SIZES) for p in PATCH_SIZES}
