@@ -1,0 +1,39 @@
+"""A data order that is a pure function of (seed, step), so a resumed run continues exactly."""
+
+import torch
+from torch.utils.data import Sampler
+
+
+class StepSampler(Sampler):
+    """Infinite stream of dataset indices for one rank, starting at training step `start_step`.
+
+    The global stream is epoch after epoch of permutations seeded by (seed, epoch); global batch s is stream
+    positions [s*B, (s+1)*B), and rank r of W takes the r-th contiguous slice of B/W. So the global batch at a
+    step is the same for any number of ranks, and resuming needs only the step.
+    """
+
+    def __init__(self, dataset_size, global_batch_size, rank=0, world_size=1, seed=0, start_step=0):
+        if global_batch_size % world_size:
+            raise ValueError(f"train.batch_size {global_batch_size} is not divisible by the {world_size} processes")
+        self.n, self.B = dataset_size, global_batch_size
+        self.b = global_batch_size // world_size
+        self.rank, self.seed, self.start_step = rank, seed, start_step
+        self._perms = {}
+
+    def _permutation(self, epoch):
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))}
+        return self._perms[epoch]
+
+    def indices(self, step):
+        """This rank's dataset indices for a global step."""
+        start = step * self.B + self.rank * self.b
+        positions = torch.arange(start, start + self.b)
+        epochs, offsets = positions // self.n, positions % self.n
+        return torch.stack([self._permutation(int(e))[int(o)] for e, o in zip(epochs, offsets)])
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield from self.indices(step).tolist()
+            step += 1

@@ -1,0 +1,140 @@
+"""Sample from a trained model and write ADM-format samples.npz (+ grid.png, samples.json provenance).
+
+    python sample.py ckpt=runs/digits/DiT-T-2                 # newest checkpoint of a run, EMA weights
+    torchrun --nproc_per_node=8 sample.py ckpt=DiT-XL-2-256x256.pt num_samples=50000 cfg_scale=1.5 cfg_channels=3
+
+Under torchrun each rank draws a contiguous block of the samples; rank 0 merges them into one npz in order.
+The starting noise of sample i is drawn from a generator seeded by (seed, i), so it does not depend on the
+number of processes or the batch size.
+"""
+
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from diffusion.sampling import sample
+from models import DiT, create_model
+from utils.checkpoint import load_checkpoint, resolve_checkpoint
+from utils.distributed import barrier, cleanup_distributed, setup_distributed
+from utils.images import save_grid, to_uint8
+
+
+def official_model_args(state_dict):
+    """Rebuild the constructor arguments of an official DiT checkpoint (a bare state_dict) from its shapes."""
+    patch_weight = state_dict["x_embedder.proj.weight"]               # (D, C, p, p)
+    hidden, in_channels, patch = patch_weight.shape[0], patch_weight.shape[1], patch_weight.shape[-1]
+    grid = math.isqrt(state_dict["pos_embed"].shape[1])
+    out_channels = state_dict["final_layer.linear.weight"].shape[0] // patch ** 2
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    return dict(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
+                num_heads=16 if hidden >= 1024 else hidden // 64,
+                num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+                learn_sigma=out_channels == 2 * in_channels)
+
+
+def load_sampling_model(path, use_ema=True):
+    """(model, info) from our checkpoint or an official DiT .pt; info has model_args, diffusion kwargs, step."""
+    ckpt = load_checkpoint(path)
+    if "model_args" in ckpt:  # ours
+        args = dict(ckpt["model_args"])
+        model = create_model(args.pop("name"), **args)
+        model.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
+        return model, {"model_args": ckpt["model_args"], "diffusion": ckpt["config"]["diffusion"],
+                       "step": ckpt["step"], "weights": "ema" if use_ema else "model"}
+    if "x_embedder.proj.weight" in ckpt:  # an official DiT checkpoint: a bare state_dict of the model
+        args = official_model_args(ckpt)
+        model = DiT(**args)
+        model.load_state_dict(ckpt, strict=True)
+        return model, {"model_args": {"name": "official DiT", **args}, "diffusion": {"learn_sigma": args["learn_sigma"]},
+                       "step": None, "weights": "official"}
+    raise ValueError(f"{path} is neither a checkpoint of this codebase (keys model/ema/model_args) nor an "
+                     f"official DiT state_dict (key x_embedder.proj.weight); found keys {list(ckpt)[:8]}")
+
+
+def default_out(ckpt_arg, cfg):
+    """Where samples go by default: inside the run folder when given one."""
+    tag = f"{cfg.sampler}{cfg.steps}-cfg{cfg.cfg_scale:g}-seed{cfg.seed}"
+    base = Path(ckpt_arg)
+    return (base / "samples" if base.is_dir() else Path("samples") / base.stem) / tag
+
+
+def run(cfg):
+    dist = setup_distributed(cfg.device)
+    device = dist.device
+    if device.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ckpt_path = resolve_checkpoint(cfg.ckpt)
+    model, info = load_sampling_model(ckpt_path, cfg.use_ema)
+    model = model.to(device).eval()
+    args = info["model_args"]
+    num_classes, channels, size = args["num_classes"], args["in_channels"], args["input_size"]
+    if args["in_channels"] == 4 and "vae" not in info:
+        raise ValueError(f"{ckpt_path} is a latent-space model; decoding its latents needs a VAE "
+                         f"(latent diffusion support: see the README section on VAE latents)")
+    out = Path(cfg.out) if cfg.out else default_out(cfg.ckpt, cfg)
+    labels_cycle = list(cfg.class_labels) if cfg.class_labels else list(range(max(num_classes, 1)))
+    if num_classes == 0:
+        labels_cycle = [0]
+    for label in labels_cycle:
+        if not 0 <= label <= num_classes:
+            raise ValueError(f"class label {label} is outside 0..{num_classes} ({num_classes} = the null class)")
+
+    # This rank's contiguous block of sample indices.
+    indices = np.array_split(np.arange(cfg.num_samples), dist.world_size)[dist.rank]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+    images, labels = [], []
+    torch.manual_seed(cfg.seed * 1000 + dist.rank)  # the per-step noise of DDPM / DDIM(eta > 0)
+    batches = [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+    for batch in tqdm(batches, desc=f"sampling (rank {dist.rank})", disable=not dist.is_main):
+        noise = torch.stack([torch.randn(channels, size, size, generator=torch.Generator().manual_seed(
+            cfg.seed * 1_000_003 + int(i))) for i in batch]).to(device)
+        y = torch.tensor([labels_cycle[int(i) % len(labels_cycle)] for i in batch], device=device)
+        with torch.no_grad(), autocast:
+            x0 = sample(model, noise, y, null_class=num_classes, sampler=cfg.sampler, steps=cfg.steps,
+                        cfg_scale=cfg.cfg_scale, cfg_channels=cfg.cfg_channels, eta=cfg.eta, clip_denoised=True,
+                        diffusion_kwargs=info["diffusion"])
+        images.append(to_uint8(x0).permute(0, 2, 3, 1).cpu().numpy())   # (n, H, W, C) uint8
+        labels.append(y.cpu().numpy().astype(np.int64))
+
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    arr = np.concatenate(images) if images else np.zeros((0, size, size, channels), np.uint8)
+    lab = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
+    np.savez(shard_dir / f"rank{dist.rank:05d}.npz", arr_0=arr, arr_1=lab)
+    barrier()
+    if dist.is_main:
+        shards = [np.load(shard_dir / f"rank{r:05d}.npz") for r in range(dist.world_size)]
+        arr = np.concatenate([s["arr_0"] for s in shards])
+        lab = np.concatenate([s["arr_1"] for s in shards])
+        np.savez(out / "samples.npz", arr_0=arr, arr_1=lab)
+        for r in range(dist.world_size):
+            (shard_dir / f"rank{r:05d}.npz").unlink()
+        shard_dir.rmdir()
+        nrow = len(labels_cycle) if len(labels_cycle) <= 16 else 8
+        grid = torch.from_numpy(arr[: nrow * 8]).permute(0, 3, 1, 2)
+        save_grid(grid, out / "grid.png", nrow=nrow)
+        provenance = {"ckpt": str(ckpt_path), "step": info["step"], "weights": info["weights"],
+                      "model": args, "sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta,
+                      "cfg_scale": cfg.cfg_scale, "cfg_channels": cfg.cfg_channels, "num_samples": int(len(arr)),
+                      "seed": cfg.seed, "precision": cfg.precision, "world_size": dist.world_size}
+        (out / "samples.json").write_text(json.dumps(provenance, indent=2))
+        print(f"wrote {len(arr)} samples to {out / 'samples.npz'} and a grid to {out / 'grid.png'}")
+    cleanup_distributed()
+    return out
+
+
+@hydra.main(config_path="conf", config_name="sample", version_base="1.3")
+def main(cfg):
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

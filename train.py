@@ -1,0 +1,275 @@
+"""Train a DiT (or any model in models.MODELS) with the Gaussian diffusion of Peebles & Xie 2023.
+
+    python train.py                                   # DiT-T/2 on the bundled digits, CPU, minutes
+    torchrun --nproc_per_node=8 train.py experiment=imagenet256 data.path=/data/imagenet/train
+    python train.py -m model=DiT-S-2,DiT-B-2          # a sweep, one run_dir per run
+
+Re-running the same command resumes from the newest checkpoint in run_dir and continues exactly: the data
+order and every random draw (timesteps, noise, label dropout, flips) are functions of (seed, step).
+"""
+
+import copy
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data import StepSampler, build_dataset
+from diffusion import create_diffusion
+from diffusion.sampling import sample
+from models import create_model, model_stats
+from utils.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from utils.distributed import barrier, cleanup_distributed, setup_distributed
+from utils.images import save_grid, to_uint8
+from utils.logger import RunLogger, truncate_metrics
+
+# run_dir suffix for sweeps over settings other than model/data: "runs/digits/DiT-S-2_optim.lr=0.0003".
+OmegaConf.register_new_resolver("sweep_suffix", lambda s: "_" + s.replace("/", "-") if s else "", replace=True)
+
+
+#################################################################################
+#                                   Helpers                                     #
+#################################################################################
+
+def step_generator(seed, step, device):
+    """The RNG for one training step: every draw of the step comes from here, so a resume replays it."""
+    state = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint64)
+    return torch.Generator(device=device).manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def learning_rate(step, base_lr, warmup_steps):
+    """Linear warm-up to base_lr, then constant (the paper uses a constant 1e-4)."""
+    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, over parameters (buffers are fixed)."""
+    ema_params = [p for p in ema.parameters()]
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+
+
+def model_args(cfg, dataset):
+    """Everything needed to rebuild the network; stored in every checkpoint for sample.py."""
+    return dict(name=cfg.model.name, input_size=dataset.image_size, in_channels=dataset.channels,
+                num_classes=dataset.num_classes, learn_sigma=cfg.diffusion.learn_sigma,
+                **OmegaConf.to_container(cfg.model.kwargs, resolve=True))
+
+
+def build_model(args):
+    kwargs = dict(args)
+    return create_model(kwargs.pop("name"), **kwargs)
+
+
+def batch_source(dataset, sampler, cfg, device):
+    """A function step -> (x, y) for this rank. In-memory datasets are indexed directly; others stream
+    through a DataLoader driven by the same step-indexed sampler."""
+    if hasattr(dataset, "images"):
+        images, labels = dataset.images.to(device), dataset.labels.to(device)
+
+        def indexed_batch(step):
+            index = sampler.indices(step).to(device)
+            return images[index], labels[index]
+        return indexed_batch
+    workers = cfg.data.num_workers
+    loader = DataLoader(dataset, batch_size=sampler.b, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
+    iterator = iter(loader)
+
+    def next_batch(step):
+        x, y = next(iterator)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return next_batch
+
+
+@torch.no_grad()
+def write_grid(ema, cfg, dataset, diffusion_kwargs, path, device):
+    """EMA samples, one row per class (up to 10 classes), from a fixed seed so grids are comparable."""
+    rows = min(dataset.num_classes, 10) if dataset.num_classes > 0 else 1
+    labels = torch.arange(rows, device=device).repeat_interleave(cfg.sample.per_class)
+    if dataset.num_classes == 0:
+        labels = torch.zeros_like(labels)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    noise = torch.randn(len(labels), dataset.channels, dataset.image_size, dataset.image_size,
+                        generator=generator, device=device)
+    x0 = sample(ema, noise, labels, null_class=dataset.num_classes, sampler=cfg.sample.sampler,
+                steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, cfg_channels=cfg.sample.cfg_channels,
+                clip_denoised=True, diffusion_kwargs=diffusion_kwargs)
+    save_grid(to_uint8(x0).cpu(), path, nrow=cfg.sample.per_class)
+
+
+def check_resume_config(saved, cfg, path):
+    """Refuse to resume a run with another model or diffusion (a changed train.steps is fine)."""
+    current = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("model", "diffusion"):
+        if saved.get(key) != current.get(key):
+            raise ValueError(f"{path} was trained with {key}={saved.get(key)} but the config now says "
+                             f"{key}={current.get(key)}; restore those settings to resume, or set a new run_dir")
+
+
+#################################################################################
+#                                 Training                                      #
+#################################################################################
+
+def train(cfg):
+    if cfg.dry_run:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        return None
+    dist = setup_distributed(cfg.device)
+    device = dist.device
+    if device.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if dist.is_main:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    # Data, model, EMA, optimizer, diffusion.
+    dataset = build_dataset(**cfg.data)
+    args = model_args(cfg, dataset)
+    model = build_model(args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    diffusion_kwargs = OmegaConf.to_container(cfg.diffusion, resolve=True)
+    diffusion = create_diffusion(timestep_respacing="", **diffusion_kwargs)
+    stats = model_stats(lambda: build_model(args), (dataset.channels, dataset.image_size, dataset.image_size))
+
+    # Resume from the newest complete checkpoint, if any.
+    step = 0
+    ckpt_path = latest_checkpoint(ckpt_dir)
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        check_resume_config(ckpt["config"], cfg, ckpt_path)
+        load_model_weights(model, ckpt["model"], ckpt_path)
+        load_model_weights(ema, ckpt["ema"], ckpt_path)
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+        del ckpt
+    if dist.is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", step)
+
+    raw_model = model
+    if dist.world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    global_batch = cfg.train.batch_size
+    sampler = StepSampler(len(dataset), global_batch, dist.rank, dist.world_size, cfg.seed, start_step=step)
+    next_batch = batch_source(dataset, sampler, cfg, device)
+    b, lo = sampler.b, dist.rank * sampler.b   # this rank's slice of the global batch's random draws
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={cfg.precision!r}; choose fp32 or bf16")
+
+    logger = None
+    if dist.is_main:
+        logger = RunLogger(run_dir, OmegaConf.to_container(cfg, resolve=True), **_logger_kwargs(cfg))
+        print(f"{args['name']}: {stats['params'] / 1e6:.2f}M parameters, {stats['gflops']:.3f} Gflops per image; "
+              f"run_dir={run_dir}, starting at step {step}")
+
+    def checkpoint():
+        if dist.is_main:
+            save_checkpoint({
+                "model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                "config": OmegaConf.to_container(cfg, resolve=True), "model_args": args,
+                # Every random draw derives from (seed, step): the data position and RNG state are the step.
+                "rng": {"seed": cfg.seed, "samples_seen": step * global_batch},
+            }, ckpt_dir, step, keep_last=cfg.train.keep_last)
+        barrier()
+
+    def grid():
+        if dist.is_main:
+            path = run_dir / "samples" / f"{step:07d}.png"
+            write_grid(ema, cfg, dataset, diffusion_kwargs, path, device)
+            logger.log_image("samples", path, step, caption=f"EMA samples at step {step}")
+        barrier()
+
+    model.train()
+    ema.eval()
+    window_start, window_steps, sums = time.perf_counter(), 0, {}
+    progress = tqdm(total=cfg.train.steps, initial=step, desc="train", disable=not dist.is_main, mininterval=2)
+    while step < cfg.train.steps:
+        x, y = next_batch(step)
+        gen = step_generator(cfg.seed, step, device)
+        # Draw for the whole global batch and take this rank's slice: any world size sees the same numbers.
+        t = torch.randint(0, diffusion.num_timesteps, (global_batch,), generator=gen, device=device)[lo:lo + b]
+        noise = torch.randn((global_batch, *x.shape[1:]), generator=gen, device=device)[lo:lo + b]
+        drop = (torch.rand(global_batch, generator=gen, device=device) < cfg.train.class_dropout)[lo:lo + b]
+        flip = (torch.rand(global_batch, generator=gen, device=device) < 0.5)[lo:lo + b]
+        y = torch.where(drop, dataset.num_classes, y)  # label dropout for classifier-free guidance
+        if cfg.data.random_flip:
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, cfg.optim.lr, cfg.optim.warmup_steps)
+        with autocast:
+            losses = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)
+        loss = losses["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip or math.inf)
+        opt.step()
+        update_ema(ema, raw_model, cfg.ema.decay)
+        step += 1
+        progress.update(1)
+
+        for key in ("loss", "mse", "vb"):
+            if key in losses:
+                sums[key] = sums.get(key, 0.0) + losses[key].detach().mean()
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach()
+        window_steps += 1
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - window_start
+            means = {k: float(v) / window_steps for k, v in sums.items()}
+            if dist.world_size > 1:  # average the logged means over ranks
+                packed = torch.tensor(list(means.values()), device=device)
+                torch.distributed.all_reduce(packed)
+                means = dict(zip(means, (packed / dist.world_size).tolist()))
+            row = {"step": step, **means, "lr": opt.param_groups[0]["lr"],
+                   "images_per_sec": window_steps * global_batch / elapsed, "step_time": elapsed / window_steps,
+                   "gflops": stats["gflops"],
+                   # Training compute as the paper counts it: Gflops x 3 (forward + backward) x batch x steps.
+                   "train_compute_gflops": stats["gflops"] * 3 * global_batch * step}
+            if dist.is_main:
+                logger.log(row)
+                progress.set_postfix(loss=f"{means['loss']:.4f}")
+            window_start, window_steps, sums = time.perf_counter(), 0, {}
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+            checkpoint()
+        if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step != cfg.train.steps:
+            grid()
+    progress.close()
+    grid()  # the final grid (also when a finished run is re-run)
+    if dist.is_main:
+        logger.finish()
+    cleanup_distributed()
+    return run_dir
+
+
+def _logger_kwargs(cfg):
+    kwargs = OmegaConf.to_container(cfg.logger, resolve=True)
+    backend = kwargs.pop("backend")
+    if backend == "none":
+        return {"backend": "none"}
+    return {"backend": backend, "name": Path(cfg.run_dir).as_posix().replace("/", "_"), **kwargs}
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg):
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Helpers shared by train.py and sample.py: checkpoints, distributed setup, logging, images."""
