@@ -137,6 +137,7 @@ def train(cfg):
     # Data, model, EMA, optimizer, diffusion.
     dataset = build_dataset(**cfg.data)
     args = model_args(cfg, dataset)
+    torch.manual_seed(cfg.seed)  # the initial weights; every later draw comes from step_generator
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),

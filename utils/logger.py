@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 
@@ -14,6 +15,14 @@ def truncate_metrics(path, last_step):
     kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
     if len(kept) != len(rows):
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _has_wandb_key():
+    """An API key in the environment or from `wandb login` (stored in ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 class RunLogger:
@@ -31,11 +40,10 @@ class RunLogger:
             import wandb
 
             id_file = Path(run_dir) / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id)
             if mode is None:
-                has_key = bool(os.environ.get("WANDB_API_KEY")) or bool(wandb.api.api_key)
-                mode = "online" if has_key else "offline"
+                mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
             self.wandb = wandb.init(project=project, group=group, tags=list(tags or ()), name=name, id=run_id,
                                     resume="allow", dir=str(run_dir), config=config, mode=mode)
             self.wandb.define_metric("step")

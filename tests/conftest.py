@@ -1,0 +1,36 @@
+"""Shared fixtures: compose the real Hydra config and shrink it for CPU tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+# Small enough for seconds on 2 CPU cores, large enough to exercise every code path.
+TINY = ["logger=none", "device=cpu", "train.steps=4", "train.batch_size=16", "train.log_every=2",
+        "train.ckpt_every=2", "sample.steps=4", "sample.per_class=2"]
+
+
+def compose_config(name="train", overrides=()):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def run_script(args, cwd=ROOT, timeout=300, check=True, env=None):
+    """Run a repository script in a fresh interpreter (as a user would)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)

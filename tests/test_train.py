@@ -1,0 +1,291 @@
+"""train.py and sample.py end to end on CPU: configs, checkpoints, exact resume, DDP, errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+from PIL import Image
+
+import sample as sample_script
+import train as train_script
+from conftest import CONF, ROOT, TINY, compose_config, run_script
+from models import MODELS
+from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_model_weights
+
+
+def group_options(group):
+    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Configs
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group", ["model", "data", "diffusion", "optim", "logger", "experiment"])
+def test_every_config_composes(group, tmp_path):
+    options = group_options(group)
+    assert options, f"conf/{group} is empty"
+    for option in options:
+        cfg = compose_config(overrides=[f"{group}={option}", f"run_dir={tmp_path}", "data.path=/nowhere"])
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        assert resolved["run_dir"]
+        assert resolved["model"]["name"] in MODELS, f"{group}={option}: unknown model {resolved['model']['name']}"
+        assert resolved["logger"]["backend"] in ("wandb", "none")
+
+
+def test_model_configs_cover_the_size_table():
+    names = {OmegaConf.load(p).name for p in (Path(CONF) / "model").glob("*.yaml")}
+    for size in ("S", "B", "L", "XL"):
+        for patch in (2, 4, 8):
+            assert f"DiT-{size}/{patch}" in names
+
+
+def test_sample_config_composes():
+    cfg = compose_config("sample", ["ckpt=x.pt"])
+    assert cfg.sampler in ("ddpm", "ddim") and cfg.num_samples > 0
+
+
+def test_unknown_group_options_list_the_valid_ones():
+    for override in ("model=DiT-Q-2", "data=cifar", "logger=tensorboard"):
+        with pytest.raises(MissingConfigException) as error:
+            compose_config(overrides=[override])
+        group = override.split("=")[0]
+        # Hydra names the valid options of the group in its message.
+        assert group_options(group)[0] in str(error.value)
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path):
+    result = run_script(["train.py", "dry_run=true", f"run_dir={tmp_path}/r"])
+    printed = OmegaConf.create(result.stdout)
+    assert printed.run_dir == f"{tmp_path}/r" and printed.model.name == "DiT-T/2"
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# End to end
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_config(overrides=[*TINY, f"run_dir={run_dir}"])
+    train_script.train(cfg)
+    return run_dir
+
+
+def test_training_writes_checkpoint_metrics_grid_and_config(trained_run):
+    ckpts = list_checkpoints(trained_run / "checkpoints")
+    assert [int(p.stem) for p in ckpts] == [2, 4]  # keep_last=2
+    ckpt = load_checkpoint(ckpts[-1])  # weights_only=True
+    assert {"model", "ema", "opt", "step", "config", "model_args", "rng"} <= set(ckpt)
+    assert ckpt["step"] == 4 and ckpt["config"]["train"]["steps"] == 4
+    assert ckpt["rng"]["samples_seen"] == 4 * 16
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    for key in ("loss", "mse", "vb", "grad_norm", "images_per_sec", "step_time", "lr"):
+        assert np.isfinite(rows[-1][key]), key
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["mse"] + rows[-1]["vb"], rel=1e-5)
+    assert rows[-1]["train_compute_gflops"] == pytest.approx(rows[-1]["gflops"] * 3 * 16 * 4)
+    assert Image.open(trained_run / "samples" / "0000004.png").size[0] > 0
+    assert OmegaConf.load(trained_run / "config.yaml").train.steps == 4
+
+
+def test_ema_differs_from_model_and_both_moved(trained_run):
+    ckpt = load_checkpoint(latest_checkpoint(trained_run / "checkpoints"))
+    w = "final_layer.linear.weight"  # zero at initialisation
+    assert ckpt["model"][w].abs().sum() > 0 and ckpt["ema"][w].abs().sum() > 0
+    assert not torch.equal(ckpt["model"][w], ckpt["ema"][w])
+
+
+def test_sample_script_writes_adm_npz(trained_run, tmp_path):
+    cfg = compose_config("sample", [f"ckpt={trained_run}", "num_samples=13", "batch_size=5", "steps=3",
+                                    f"out={tmp_path}/s", "device=cpu"])
+    out = sample_script.run(cfg)
+    data = np.load(out / "samples.npz")
+    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (13, 8, 8, 1)
+    assert data["arr_1"].dtype == np.int64 and data["arr_1"].tolist() == [i % 10 for i in range(13)]
+    assert (out / "grid.png").exists() and not (out / "shards").exists()
+    provenance = json.loads((out / "samples.json").read_text())
+    assert provenance["step"] == 4 and provenance["steps"] == 3 and provenance["num_samples"] == 13
+
+
+def test_sample_noise_does_not_depend_on_batch_size(trained_run, tmp_path):
+    arrays = []
+    for batch_size in (2, 7):
+        cfg = compose_config("sample", [f"ckpt={trained_run}", "num_samples=7", f"batch_size={batch_size}",
+                                        "steps=3", "sampler=ddim", f"out={tmp_path}/b{batch_size}", "device=cpu"])
+        arrays.append(np.load(sample_script.run(cfg) / "samples.npz")["arr_0"])
+    np.testing.assert_array_equal(arrays[0], arrays[1])
+
+
+def test_finished_run_extends_when_steps_are_raised(tmp_path):
+    overrides = [*TINY, f"run_dir={tmp_path}"]
+    train_script.train(compose_config(overrides=overrides))
+    train_script.train(compose_config(overrides=[*overrides, "train.steps=6"]))
+    assert load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exact resume
+# ------------------------------------------------------------------------------------------------------------
+
+def _final_state(run_dir):
+    ckpt = load_checkpoint(latest_checkpoint(Path(run_dir) / "checkpoints"))
+    return ckpt
+
+
+def _assert_same_state(a, b):
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for i, state in a["opt"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["opt"]["state"][i][name]), f"opt state {i}.{name} differs"
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    overrides = ["logger=none", "device=cpu", "train.steps=12", "train.batch_size=16", "train.log_every=1",
+                 "train.ckpt_every=3", "train.keep_last=10", "sample.steps=2", "sample.per_class=1"]
+    # The reference: one uninterrupted run.
+    train_script.train(compose_config(overrides=[*overrides, f"run_dir={tmp_path}/ref"]))
+
+    # The same command, killed with SIGKILL once its second checkpoint is on disk, then re-run twice.
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "train.py", *overrides, f"run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(list_checkpoints(run_dir / "checkpoints")) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = latest_checkpoint(run_dir / "checkpoints")
+    assert killed_at is not None and int(killed_at.stem) < 12, "the run finished before it could be killed"
+    # A leftover temporary file from a write cut short must be ignored.
+    (run_dir / "checkpoints" / ".0000099.pt.tmp123").write_bytes(b"partial")
+    run_script(cmd[1:])
+    _assert_same_state(_final_state(tmp_path / "ref"), _final_state(run_dir))
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13)), "metrics.jsonl must have each step exactly once after the resume"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Distributed
+# ------------------------------------------------------------------------------------------------------------
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    overrides = ["logger=none", "device=cpu", "train.steps=2", "train.batch_size=16", "train.log_every=1",
+                 "train.ckpt_every=2", "sample.steps=2", "sample.per_class=1"]
+    run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "train.py",
+                *overrides, f"run_dir={tmp_path}/ddp"], env={"OMP_NUM_THREADS": "1"})
+    train_script.train(compose_config(overrides=[*overrides, f"run_dir={tmp_path}/single"]))
+    ddp, single = _final_state(tmp_path / "ddp"), _final_state(tmp_path / "single")
+    for name in single["model"]:
+        torch.testing.assert_close(ddp["model"][name], single["model"][name], rtol=1e-5, atol=1e-6)
+    assert ddp["config"]["train"]["batch_size"] == 16
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Clear errors
+# ------------------------------------------------------------------------------------------------------------
+
+def _image_folder(root, classes=2, per_class=2, size=12):
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((size, size + 4, 3), 40 * (c + i), np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_imagefolder_trains(tmp_path):
+    folder = _image_folder(tmp_path / "imgs")
+    cfg = compose_config(overrides=[*TINY, "data=imagefolder", f"data.path={folder}", "data.image_size=8",
+                                    "data.num_workers=0", "train.batch_size=4", f"run_dir={tmp_path}/run"])
+    train_script.train(cfg)
+    args = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))["model_args"]
+    assert args["in_channels"] == 3 and args["num_classes"] == 2 and args["input_size"] == 8
+
+
+def test_image_size_not_divisible_by_patch(tmp_path):
+    folder = _image_folder(tmp_path / "imgs")
+    cfg = compose_config(overrides=[*TINY, "data=imagefolder", f"data.path={folder}", "data.image_size=6",
+                                    "model=DiT-T-4", f"run_dir={tmp_path}/run"])
+    with pytest.raises(ValueError, match="not divisible by the patch size 4"):
+        train_script.train(cfg)
+
+
+def test_missing_and_empty_data_folders(tmp_path):
+    cfg = compose_config(overrides=[*TINY, "data=imagefolder", f"data.path={tmp_path}/absent", f"run_dir={tmp_path}/r"])
+    with pytest.raises(FileNotFoundError, match="does not exist; set data.path"):
+        train_script.train(cfg)
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    cfg = compose_config(overrides=[*TINY, "data=imagefolder", f"data.path={tmp_path}/empty", f"run_dir={tmp_path}/r"])
+    with pytest.raises(FileNotFoundError, match="no images found"):
+        train_script.train(cfg)
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    from data import ImageFolderDataset
+    folder = _image_folder(tmp_path / "imgs")
+    broken = folder / "class1" / "broken.png"
+    broken.write_bytes(b"not a png")
+    dataset = ImageFolderDataset(folder, 8)
+    index = [i for i, (path, _) in enumerate(dataset.samples) if path.endswith("broken.png")][0]
+    with pytest.raises(RuntimeError, match="broken.png"):
+        dataset[index]
+
+
+def test_resume_with_another_model_is_refused(trained_run, tmp_path):
+    shutil.copytree(trained_run, tmp_path / "run")
+    cfg = compose_config(overrides=[*TINY, "model=DiT-T-4", f"run_dir={tmp_path}/run"])
+    with pytest.raises(ValueError, match="restore those settings to resume, or set a new run_dir"):
+        train_script.train(cfg)
+
+
+def test_checkpoint_that_does_not_fit_the_model(trained_run):
+    from models import create_model
+    ckpt = load_checkpoint(latest_checkpoint(trained_run / "checkpoints"))
+    model = create_model("DiT-T/4", input_size=8, in_channels=1, num_classes=10)
+    with pytest.raises(ValueError, match="does not fit the model") as error:
+        load_model_weights(model, ckpt["ema"], "ckpt.pt")
+    assert "x_embedder.proj.weight" in str(error.value)
+
+
+def test_bad_device_and_precision(tmp_path):
+    with pytest.raises(ValueError, match="choose auto, cpu or cuda"):
+        train_script.train(compose_config(overrides=[*TINY, "device=tpu", f"run_dir={tmp_path}"]))
+    with pytest.raises(ValueError, match="choose fp32 or bf16"):
+        train_script.train(compose_config(overrides=[*TINY, "precision=fp16", f"run_dir={tmp_path}"]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Logging and sweeps
+# ------------------------------------------------------------------------------------------------------------
+
+def test_wandb_offline_run(tmp_path):
+    overrides = [o for o in TINY if not o.startswith("logger")] + ["logger=wandb", "logger.mode=offline",
+                                                                  f"run_dir={tmp_path}"]
+    os.environ["WANDB_SILENT"] = "true"
+    train_script.train(compose_config(overrides=overrides))
+    assert (tmp_path / "wandb_id.txt").exists()
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run folder"
+
+
+def test_multirun_gives_each_run_its_own_run_dir(tmp_path):
+    run_script([str(ROOT / "train.py"), "-m", "model=DiT-T-2,DiT-T-4", *TINY], cwd=tmp_path)
+    run_dirs = sorted(p.name for p in (tmp_path / "runs" / "digits").iterdir())
+    assert [d.split("_")[0] for d in run_dirs] == ["DiT-T-2", "DiT-T-4"]
+    for name in run_dirs:
+        assert latest_checkpoint(tmp_path / "runs" / "digits" / name / "checkpoints") is not None
