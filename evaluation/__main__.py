@@ -1,0 +1,135 @@
+"""Command line: FID (+ IS, precision/recall) of samples against a reference, and reference statistics.
+
+    python -m evaluation fid samples.npz --ref VIRTUAL_imagenet256_labeled.npz [--is] [--pr] [--out r.json]
+    python -m evaluation ref --data digits --out refs/digits.npz
+    python -m evaluation ref /path/to/images_or_samples.npz --out refs/mine.npz
+
+`fid` prints the numbers and writes a JSON (default: <samples>_eval.json beside the first input) holding
+the metrics, the sample count, the reference file and its SHA-256, the feature extractor and its weights,
+and every key of the sampling sidecar (samples.json or provenance.json beside the samples: sampler, steps,
+cfg_scale, cfg_channels, ckpt, step, ...).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+from .evaluator import build_reference, evaluate
+from .features import MissingInceptionWeights
+from .inputs import dataset_source, open_source, read_sidecar
+
+
+def _common(p):
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch's hub cache)")
+    p.add_argument("--no-download", action="store_true", help="never try to download missing Inception weights")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass")
+    p.add_argument("--num-samples", type=int, default=None, help="use the first N images (error if fewer)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fid", help="FID (+ IS, precision/recall) of samples against reference statistics")
+    p.add_argument("samples", nargs="+", help="samples.npz (ADM format) or image folders; several are merged")
+    p.add_argument("--ref", required=True, help="reference statistics: ADM/our .npz, or a torch-fidelity .pt cache")
+    p.add_argument("--is", dest="isc", action="store_true", help="also the Inception Score")
+    p.add_argument("--pr", dest="prc", action="store_true", help="also precision/recall (k=3, Inception features)")
+    p.add_argument("--ref-images", nargs="+", default=None,
+                   help="reference images for precision/recall (default: `features` or `arr_0` of the --ref npz)")
+    p.add_argument("--isc-splits", type=int, default=10)
+    p.add_argument("--out", default=None, help="result JSON (default: <first samples>_eval.json)")
+    _common(p)
+
+    p = sub.add_parser("ref", help="reference statistics (npz: mu, sigma float64, n) of images or a dataset")
+    p.add_argument("sources", nargs="*", help="samples .npz files or image folders")
+    p.add_argument("--data", default=None, help="a dataset name for data.build_dataset (e.g. digits, imagefolder)")
+    p.add_argument("--data-path", default=None, help="dataset root (data=imagefolder)")
+    p.add_argument("--image-size", type=int, default=None, help="dataset image size (data=imagefolder)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for --data")
+    p.add_argument("--save-features", action="store_true",
+                   help="also store the (N, 2048) float32 features, for precision/recall against this reference")
+    p.add_argument("--out", required=True, help="output .npz")
+    _common(p)
+    return parser.parse_args(argv)
+
+
+def _default_out(spec):
+    spec = os.path.abspath(spec).rstrip(os.sep)
+    return (spec[:-4] if spec.endswith(".npz") else spec) + "_eval.json"
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _stamp(argv):
+    return {"command": ["python", "-m", "evaluation", *argv],
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_fid(args, argv):
+    sidecar = next((s for s in map(read_sidecar, args.samples) if s), {})
+    result = evaluate(
+        [open_source(s) for s in args.samples], args.ref, isc=args.isc, prc=args.prc,
+        ref_images=[open_source(s) for s in args.ref_images] if args.ref_images else None,
+        num_samples=args.num_samples, inception_weights=args.inception_weights, device=args.device,
+        batch_size=args.batch_size, isc_splits=args.isc_splits, download=not args.no_download,
+        progress=not args.quiet,
+    )
+    # The sidecar's sampling provenance (sampler, steps, cfg_scale, ckpt, ...) goes in as it is; the
+    # evaluator's own measurements (num_samples, ...) win on a clash.
+    out = {**sidecar, **result, **_stamp(argv)}
+    path = args.out or _default_out(args.samples[0])
+    _write_json(path, out)
+
+    print(f"FID        {result['fid']:.4f}  ({result['num_samples']:,} samples vs {os.path.basename(args.ref)})")
+    if args.isc:
+        print(f"IS         {result['inception_score_mean']:.3f} ± {result['inception_score_std']:.3f}")
+    if args.prc:
+        print(f"precision  {result['precision']:.4f}")
+        print(f"recall     {result['recall']:.4f}")
+    print(f"wrote {path}")
+    return out
+
+
+def run_ref(args, argv):
+    if bool(args.sources) == bool(args.data):
+        raise SystemExit("ref: give either image sources (npz / folders) or --data NAME, not both or neither")
+    if args.data:
+        sources = [dataset_source(args.data, path=args.data_path, image_size=args.image_size,
+                                  num_workers=args.workers)]
+    else:
+        sources = [open_source(s) for s in args.sources]
+    info = build_reference(
+        sources, args.out, num_samples=args.num_samples, save_features=args.save_features,
+        inception_weights=args.inception_weights, device=args.device, batch_size=args.batch_size,
+        download=not args.no_download, progress=not args.quiet,
+    )
+    info.update(sources=[s.name for s in sources], **_stamp(argv))
+    meta = info["path"][:-4] + ".json"
+    _write_json(meta, info)
+    print(f"wrote {info['path']}  (n={info['n']:,}, sha256={info['sha256'][:16]}…); provenance in {meta}")
+    return info
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    try:
+        return run_fid(args, argv) if args.command == "fid" else run_ref(args, argv)
+    except MissingInceptionWeights as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
