@@ -106,6 +106,25 @@ def write_grid(ema, cfg, dataset, diffusion_kwargs, path, device):
     save_grid(to_uint8(x0).cpu(), path, nrow=cfg.sample.per_class)
 
 
+@torch.no_grad()
+def ema_fid(ema, scorer, cfg, dataset, diffusion_kwargs, dist, device):
+    """FID of cfg.fid.num_samples EMA samples (classes in turn), each rank drawing a contiguous share."""
+    share = np.array_split(np.arange(cfg.fid.num_samples), dist.world_size)[dist.rank]
+    chunks = np.array_split(share, max(1, math.ceil(len(share) / cfg.fid.batch_size)))
+
+    def batches():
+        for chunk in chunks:
+            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + int(chunk[0]))
+            labels = torch.as_tensor(chunk % max(dataset.num_classes, 1), device=device)
+            noise = torch.randn(len(chunk), dataset.channels, dataset.image_size, dataset.image_size,
+                                generator=generator, device=device)
+            x0 = sample(ema, noise, labels, null_class=dataset.num_classes, sampler=cfg.sample.sampler,
+                        steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale,
+                        cfg_channels=cfg.sample.cfg_channels, clip_denoised=True, diffusion_kwargs=diffusion_kwargs)
+            yield to_uint8(x0)
+    return scorer.score(batches(), all_reduce=dist.world_size > 1)
+
+
 def check_resume_config(saved, cfg, path):
     """Refuse to resume a run with another model or diffusion (a changed train.steps is fine)."""
     current = OmegaConf.to_container(cfg, resolve=True)
@@ -171,6 +190,14 @@ def train(cfg):
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={cfg.precision!r}; choose fp32 or bf16")
+
+    scorer = None
+    if cfg.fid.every:
+        from evaluation import FIDScorer  # loads the Inception network; stops early when its weights are missing
+        if cfg.fid.reference is None:
+            raise ValueError("fid.every > 0 needs fid.reference=<npz with mu/sigma>; make one with "
+                             "`python -m evaluation ref --data digits --out refs/digits.npz`")
+        scorer = FIDScorer(cfg.fid.reference, inception_weights=cfg.fid.inception_weights, device=device)
 
     logger = None
     if dist.is_main:
@@ -251,6 +278,10 @@ def train(cfg):
             checkpoint()
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step != cfg.train.steps:
             grid()
+        if scorer is not None and (step % cfg.fid.every == 0 or step == cfg.train.steps):
+            fid = ema_fid(ema, scorer, cfg, dataset, diffusion_kwargs, dist, device)
+            if dist.is_main:
+                logger.log({"step": step, "fid": fid, "fid_samples": cfg.fid.num_samples})
     progress.close()
     grid()  # the final grid (also when a finished run is re-run)
     if dist.is_main:

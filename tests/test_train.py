@@ -289,3 +289,27 @@ def test_multirun_gives_each_run_its_own_run_dir(tmp_path):
     assert [d.split("_")[0] for d in run_dirs] == ["DiT-T-2", "DiT-T-4"]
     for name in run_dirs:
         assert latest_checkpoint(tmp_path / "runs" / "digits" / name / "checkpoints") is not None
+
+
+@pytest.mark.slow
+def test_fid_during_training(tmp_path):
+    from evaluation import ImageSource, build_reference, write_random_inception_weights
+    from data import DigitsDataset
+    weights = tmp_path / "inception.pth"
+    write_random_inception_weights(weights)
+    real = DigitsDataset().images[:16]
+    reference = tmp_path / "ref.npz"
+    build_reference(ImageSource.from_array(((real + 1) * 127.5).round().to(torch.uint8)), reference,
+                    inception_weights=str(weights), progress=False)
+    cfg = compose_config(overrides=[*TINY, f"run_dir={tmp_path}/run", "fid.every=2", "fid.num_samples=12",
+                                    f"fid.reference={reference}", f"fid.inception_weights={weights}"])
+    train_script.train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fids = [r for r in rows if "fid" in r]
+    assert [r["step"] for r in fids] == [2, 4] and all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)
+
+
+def test_fid_without_reference_is_refused(tmp_path):
+    cfg = compose_config(overrides=[*TINY, f"run_dir={tmp_path}", "fid.every=2"])
+    with pytest.raises(ValueError, match="needs fid.reference"):
+        train_script.train(cfg)
