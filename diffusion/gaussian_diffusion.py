@@ -263,7 +263,5 @@ def _device(model, noise, device):
         return device
     if noise is not None:
         return noise.device
-    parameters = getattr(model, "parameters", None)
-    if parameters is not None:
-        return next(parameters()).device
-    return "cpu"
+    first = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    return first.device if first is not None else "cpu"
