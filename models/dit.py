@@ -322,8 +322,12 @@ DIT_SIZES = {
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
-# Not in the paper: a CPU-sized model for the bundled-digits default and CI (DeiT-Tiny's width).
-EXTRA_SIZES = {"T": dict(depth=6, hidden_size=192, num_heads=3)}
+# Not in the paper: CPU-sized models. T has DeiT-Tiny's width (UNet-T is matched to it); Mini is the
+# bundled-digits default, small enough to see ~300K images in a few CPU minutes.
+EXTRA_SIZES = {
+    "T": dict(depth=6, hidden_size=192, num_heads=3),
+    "Mini": dict(depth=4, hidden_size=128, num_heads=4),
+}
 PATCH_SIZES = (2, 4, 8)
 
 

@@ -1,0 +1,166 @@
+"""Training throughput and model-FLOPs utilisation (MFU) of a DiT, next to the official implementation.
+
+    python benchmarks/throughput.py --model DiT-S/2 --batch-size 16 --official /path/to/facebookresearch/DiT
+    python benchmarks/throughput.py --model DiT-XL/2 --batch-size 256 --device cuda --precision bf16 --compile
+
+One training step is what train.py does: diffusion.training_losses (learned sigma, hybrid loss) + backward +
+AdamW. Model FLOPs per training image = 3 (forward + backward) x 2 (flops per multiply-accumulate) x the
+paper's Gflops; DiT-XL/2 at 256x256 costs 711.7 GFLOP. MFU divides the achieved FLOP/s by the device's peak:
+the datasheet dense bf16 / tf32 figure for known GPUs, and a measured large-matmul rate on CPUs.
+
+With --official PATH (a checkout of facebookresearch/DiT) the official models.py + diffusion are timed in
+the same process at the same model, batch and input, the way the official train.py runs them (fp32, eager).
+"""
+
+import argparse
+import importlib.util
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffusion import create_diffusion  # noqa: E402
+from models import DiT_models, model_stats  # noqa: E402
+from utils.parallel import checkpoint_activations, compile_blocks  # noqa: E402
+
+# Dense peak TFLOP/s (no sparsity) by GPU name fragment: (bf16, tf32).
+GPU_PEAKS = {"H200": (989.0, 494.7), "H100": (989.0, 494.7), "A100": (312.0, 156.0)}
+
+
+def device_peak_tflops(device, precision):
+    """Peak FLOP/s for MFU: the datasheet for known GPUs, a measured 4096^3 matmul on CPUs."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (bf16, tf32) in GPU_PEAKS.items():
+            if key in name:
+                return (bf16 if precision == "bf16" else tf32), f"{name} datasheet"
+        return None, f"{name} (no peak in the table)"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+    a @ b
+    start, reps = time.perf_counter(), 3
+    for _ in range(reps):
+        a @ b
+    seconds = (time.perf_counter() - start) / reps
+    return 2 * 4096 ** 3 / seconds / 1e12, f"CPU measured {dtype} matmul"
+
+
+def time_steps(step, steps, warmup, device):
+    """Seconds per step after warm-up, and the peak memory (GPU only)."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return (time.perf_counter() - start) / steps, peak
+
+
+def make_step(model, diffusion, x, y, precision, device, fused):
+    """A closure running one training step of `model` on the fixed batch (x, y)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=fused)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    def step():
+        t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
+        with autocast:
+            loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def load_official(path):
+    """Import the official models.py and diffusion package from a checkout, under names that do not collide."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location("official_dit_models", path / "models.py")
+    models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(models)
+    spec = importlib.util.spec_from_file_location("official_dit_diffusion", path / "diffusion" / "__init__.py",
+                                                  submodule_search_locations=[str(path / "diffusion")])
+    diffusion = importlib.util.module_from_spec(spec)
+    sys.modules["official_dit_diffusion"] = diffusion
+    spec.loader.exec_module(diffusion)
+    return models, diffusion
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="DiT-S/2")
+    parser.add_argument("--image-size", type=int, default=256, help="pixels; the latent is image-size / 8")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 autocast (the fast setting on GPUs and on CPUs with bf16 matmuls)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--official", default=None, help="path to a facebookresearch/DiT checkout")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    precision = "bf16" if args.precision == "auto" else args.precision
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    latent = args.image_size // 8
+    build = lambda: DiT_models[args.model](input_size=latent, num_classes=1000)
+    gflops = model_stats(build, (4, latent, latent))["gflops"]
+    flops_per_image = 3 * 2 * gflops * 1e9
+    peak, peak_source = device_peak_tflops(device, precision)
+
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 4, latent, latent, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    diffusion = create_diffusion("")
+    model = build().to(device)
+    if args.grad_checkpoint:
+        checkpoint_activations(model)
+    if args.compile:
+        compile_blocks(model)
+    rows = []
+    ours = make_step(model, diffusion, x, y, precision, device, fused=device.type == "cuda")
+    options = "+".join([precision] + (["compile"] if args.compile else []) + (["ckpt"] if args.grad_checkpoint else []))
+    rows.append((f"ours ({options})", *time_steps(ours, args.steps, args.warmup, device)))
+    del model, ours
+
+    if args.official:
+        official_models, official_diffusion = load_official(args.official)
+        model = official_models.DiT_models[args.model](input_size=latent, num_classes=1000).to(device)
+        # The official train.py: fp32, eager, AdamW(lr=1e-4, weight_decay=0), model.train() for label dropout.
+        model.train()
+        step = make_step(model, official_diffusion.create_diffusion(timestep_respacing=""), x, y, "fp32", device,
+                         fused=False)
+        rows.append(("official (fp32)", *time_steps(step, args.steps, args.warmup, device)))
+
+    print(f"{args.model} at {args.image_size}x{args.image_size} (latent {latent}x{latent}x4), batch {args.batch_size}, "
+          f"{device}; {gflops:.2f} Gflops/image, {flops_per_image / 1e9:.1f} GFLOP per training image")
+    print(f"peak: {peak:.1f} TFLOP/s ({peak_source})" if peak else f"peak: unknown ({peak_source})")
+    print(f"{'implementation':28s}{'images/s':>10s}{'step ms':>10s}{'MFU':>8s}{'peak mem':>10s}")
+    for name, seconds, memory in rows:
+        images = args.batch_size / seconds
+        mfu = images * flops_per_image / (peak * 1e12) if peak else float("nan")
+        mem = f"{memory:.1f} GiB" if memory is not None else "-"
+        print(f"{name:28s}{images:>10.1f}{seconds * 1000:>10.0f}{mfu:>8.1%}{mem:>10s}")
+    if len(rows) == 2:
+        print(f"speed-up over the official implementation: {rows[1][1] / rows[0][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

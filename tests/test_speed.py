@@ -1,0 +1,105 @@
+"""Speed options keep the math: bf16 autocast, compiled blocks, activation checkpointing, DPM-Solver++."""
+
+import copy
+
+import pytest
+import torch
+
+from diffusion import create_diffusion
+from diffusion.sampling import sample
+from models import DiT
+from utils.parallel import checkpoint_activations, compile_blocks
+
+
+def small_dit(**kwargs):
+    torch.manual_seed(0)
+    model = DiT(input_size=8, in_channels=4, num_classes=10, hidden_size=64, depth=2, num_heads=4, **kwargs)
+    # Random (non-zero) output layers, so outputs and gradients are not trivially zero.
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def inputs(n=4):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g),
+            torch.randint(0, 11, (n,), generator=g))
+
+
+def loss_and_grads(model, x, t, y, autocast=False):
+    diffusion = create_diffusion("")
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)["loss"].mean()
+    model.zero_grad()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_bf16_autocast_agrees_with_fp32():
+    # bf16 keeps 8 bits of mantissa (relative rounding 2^-8 = 0.4%); through two blocks the output drifts
+    # by about 1% of its scale, which is the tolerance stated here.
+    model = small_dit()
+    x, t, y = inputs()
+    with torch.no_grad():
+        ref = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, t, y).float()
+    assert (low - ref).abs().max() <= 0.02 * ref.abs().max()
+    loss32, _ = loss_and_grads(model, x, t, y)
+    loss16, _ = loss_and_grads(model, x, t, y, autocast=True)
+    assert abs(loss16 - loss32) <= 0.02 * loss32
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = small_dit()
+    checkpointed = checkpoint_activations(copy.deepcopy(model))
+    assert checkpointed.state_dict().keys() == model.state_dict().keys()
+    x, t, y = inputs()
+    loss_a, grads_a = loss_and_grads(model, x, t, y)
+    loss_b, grads_b = loss_and_grads(checkpointed, x, t, y)
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_agree_with_eager():
+    model = small_dit()
+    compiled = compile_blocks(copy.deepcopy(model))
+    assert compiled.state_dict().keys() == model.state_dict().keys()  # checkpoints stay interchangeable
+    x, t, y = inputs()
+    loss_a, grads_a = loss_and_grads(model, x, t, y)
+    loss_b, grads_b = loss_and_grads(compiled, x, t, y)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)
+
+
+def test_dpm_solver_matches_ddim_on_an_exact_model():
+    """With the exact eps of a point mass at x0 every ODE solver must land on x0; with few steps DPM-Solver++
+    gets there as well as a many-step DDIM does."""
+    x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
+    base = create_diffusion("")
+    abar = torch.tensor(base.alphas_cumprod, dtype=torch.float64)
+
+    def oracle(x, t, y):
+        a = abar[t.long()].view(-1, 1, 1, 1).to(x.dtype)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1)  # learned-sigma layout: eps then v
+
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+    labels = torch.zeros(3, dtype=torch.long)
+    out = sample(oracle, noise, labels, null_class=10, sampler="dpm-solver++", steps=10)
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-3)
+
+
+def test_dpm_solver_samples_with_guidance():
+    model = small_dit().eval()
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    labels = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        a = sample(model, noise, labels, null_class=10, sampler="dpm-solver++", steps=5, cfg_scale=3.0)
+        b = sample(model, noise, labels, null_class=10, sampler="dpm-solver++", steps=5, cfg_scale=1.0)
+    assert a.shape == noise.shape and torch.isfinite(a).all()
+    assert not torch.allclose(a, b)  # guidance changes the result
