@@ -3,6 +3,9 @@
     python sample.py ckpt=runs/digits/DiT-T-2                 # newest checkpoint of a run, EMA weights
     torchrun --nproc_per_node=8 sample.py ckpt=DiT-XL-2-256x256.pt num_samples=50000 cfg_scale=1.5 cfg_channels=3
 
+Latent models are decoded to images by the VAE recorded in the checkpoint (official DiT checkpoints: sd-vae-ft-ema);
+`vae=sd-vae-ft-mse` (plus `vae.path=/local/folder` offline) decodes with another one.
+
 Under torchrun each rank draws a contiguous block of the samples; rank 0 merges them into one npz in order.
 The starting noise of sample i is drawn from a generator seeded by (seed, i), so it does not depend on the
 number of processes or the batch size.
@@ -20,10 +23,13 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from diffusion.sampling import sample
-from models import DiT, create_model
+from models import VAE, DiT, build_vae, create_model
 from utils.checkpoint import load_checkpoint, resolve_checkpoint
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.images import save_grid, to_uint8
+
+# The VAE of the official DiT checkpoints (latent models at 256 and 512), when no vae= is given.
+OFFICIAL_VAE = Path(__file__).resolve().parent / "conf" / "vae" / "sd-vae-ft-ema.yaml"
 
 
 def official_model_args(state_dict):
@@ -44,18 +50,45 @@ def load_sampling_model(path, use_ema=True):
     ckpt = load_checkpoint(path)
     if "model_args" in ckpt:  # ours
         args = dict(ckpt["model_args"])
+        vae = args.pop("vae", None)   # how to rebuild the VAE of a latent model; None in pixel space
         model = create_model(args.pop("name"), **args)
         model.load_state_dict(ckpt["ema" if use_ema else "model"], strict=True)
         return model, {"model_args": ckpt["model_args"], "diffusion": ckpt["config"]["diffusion"],
-                       "step": ckpt["step"], "weights": "ema" if use_ema else "model"}
+                       "step": ckpt["step"], "weights": "ema" if use_ema else "model", "vae": vae,
+                       "latent": vae is not None}
     if "x_embedder.proj.weight" in ckpt:  # an official DiT checkpoint: a bare state_dict of the model
         args = official_model_args(ckpt)
         model = DiT(**args)
         model.load_state_dict(ckpt, strict=True)
         return model, {"model_args": {"name": "official DiT", **args}, "diffusion": {"learn_sigma": args["learn_sigma"]},
-                       "step": None, "weights": "official"}
+                       "step": None, "weights": "official", "vae": None, "latent": True}
     raise ValueError(f"{path} is neither a checkpoint of this codebase (keys model/ema/model_args) nor an "
                      f"official DiT state_dict (key x_embedder.proj.weight); found keys {list(ckpt)[:8]}")
+
+
+def load_decoder(vae_cfg, info, channels):
+    """The VAE that decodes the model's latents, or None for a pixel model: `vae=` when given, else the one
+    recorded in the checkpoint, else (official DiT checkpoints) sd-vae-ft-ema."""
+    if vae_cfg is not None:
+        vae = build_vae(**vae_cfg)
+        if (vae is None) == info["latent"]:
+            fix = "choose a VAE to decode its latents" if info["latent"] else "leave out vae="
+            raise ValueError(f"vae={vae_cfg['name']} does not fit a {'latent' if info['latent'] else 'pixel'}-space "
+                             f"model; {fix}")
+    elif info["vae"] is not None:  # ours: the recorded folder if it is here, else the recorded hub id
+        recorded = info["vae"]
+        path = recorded.get("path")
+        source = path if path and Path(path).is_dir() else recorded["id"]
+        vae = VAE.from_pretrained(source, subfolder=recorded.get("subfolder"), identifier=recorded["id"],
+                                  scaling_factor=recorded["scaling_factor"])
+    elif info["latent"]:
+        vae = build_vae(**OmegaConf.load(OFFICIAL_VAE))
+    else:
+        return None
+    if vae.latent_channels != channels:
+        raise ValueError(f"the VAE {vae.identifier} has {vae.latent_channels} latent channels but the model "
+                         f"takes {channels}; choose the VAE it was trained with (vae=...)")
+    return vae
 
 
 def default_out(ckpt_arg, cfg):
@@ -76,9 +109,11 @@ def run(cfg):
     model = model.to(device).eval()
     args = info["model_args"]
     num_classes, channels, size = args["num_classes"], args["in_channels"], args["input_size"]
-    if args["in_channels"] == 4 and "vae" not in info:
-        raise ValueError(f"{ckpt_path} is a latent-space model; decoding its latents needs a VAE "
-                         f"(latent diffusion support: see the README section on VAE latents)")
+    vae = load_decoder(cfg.vae, info, channels)
+    if vae is not None:
+        vae.to(device)
+    # What lands on disk: decoded RGB images for latent models.
+    image_channels, image_size = (vae.image_channels, size * vae.downsample) if vae else (channels, size)
     out = Path(cfg.out) if cfg.out else default_out(cfg.ckpt, cfg)
     labels_cycle = list(cfg.class_labels) if cfg.class_labels else list(range(max(num_classes, 1)))
     if num_classes == 0:
@@ -99,14 +134,16 @@ def run(cfg):
         y = torch.tensor([labels_cycle[int(i) % len(labels_cycle)] for i in batch], device=device)
         with torch.no_grad(), autocast:
             x0 = sample(model, noise, y, null_class=num_classes, sampler=cfg.sampler, steps=cfg.steps,
-                        cfg_scale=cfg.cfg_scale, cfg_channels=cfg.cfg_channels, eta=cfg.eta, clip_denoised=True,
-                        diffusion_kwargs=info["diffusion"])
+                        cfg_scale=cfg.cfg_scale, cfg_channels=cfg.cfg_channels, eta=cfg.eta,
+                        clip_denoised=vae is None, diffusion_kwargs=info["diffusion"])  # latents are not in [-1, 1]
+        if vae is not None:
+            x0 = vae.decode(x0)                                          # fp32, (n, 3, H, W) in [-1, 1]
         images.append(to_uint8(x0).permute(0, 2, 3, 1).cpu().numpy())   # (n, H, W, C) uint8
         labels.append(y.cpu().numpy().astype(np.int64))
 
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    arr = np.concatenate(images) if images else np.zeros((0, size, size, channels), np.uint8)
+    arr = np.concatenate(images) if images else np.zeros((0, image_size, image_size, image_channels), np.uint8)
     lab = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
     np.savez(shard_dir / f"rank{dist.rank:05d}.npz", arr_0=arr, arr_1=lab)
     barrier()
@@ -122,7 +159,8 @@ def run(cfg):
         grid = torch.from_numpy(arr[: nrow * 8]).permute(0, 3, 1, 2)
         save_grid(grid, out / "grid.png", nrow=nrow)
         provenance = {"ckpt": str(ckpt_path), "step": info["step"], "weights": info["weights"],
-                      "model": args, "sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta,
+                      "model": args, "vae": vae.identifier if vae else None, "sampler": cfg.sampler,
+                      "steps": cfg.steps, "eta": cfg.eta,
                       "cfg_scale": cfg.cfg_scale, "cfg_channels": cfg.cfg_channels, "num_samples": int(len(arr)),
                       "seed": cfg.seed, "precision": cfg.precision, "world_size": dist.world_size}
         (out / "samples.json").write_text(json.dumps(provenance, indent=2))

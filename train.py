@@ -5,7 +5,11 @@
     python train.py -m model=DiT-S-2,DiT-B-2          # a sweep, one run_dir per run
 
 Re-running the same command resumes from the newest checkpoint in run_dir and continues exactly: the data
-order and every random draw (timesteps, noise, label dropout, flips) are functions of (seed, step).
+order and every random draw (timesteps, noise, label dropout, flips, VAE posterior samples) are functions of
+(seed, step).
+
+Latent diffusion: with vae=sd-vae-ft-ema the images are encoded on the fly (fp32, no gradients); with
+data=latents the batches come from a latent cache made once by extract_latents.py (both flips' posteriors).
 """
 
 import copy
@@ -22,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from data import StepSampler, build_dataset
+from data import LatentCacheDataset, StepSampler, build_dataset, check_cache
 from diffusion import create_diffusion
 from diffusion.sampling import sample
-from models import create_model, model_stats
+from models import build_vae, create_model, model_stats
 from utils.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.images import save_grid, to_uint8
@@ -57,16 +61,48 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
-def model_args(cfg, dataset):
-    """Everything needed to rebuild the network; stored in every checkpoint for sample.py."""
-    return dict(name=cfg.model.name, input_size=dataset.image_size, in_channels=dataset.channels,
+def input_shape(dataset, vae):
+    """(C, H, W) of the network's input: the dataset's items, or the latents of its images when a VAE encodes them."""
+    if vae is None or isinstance(dataset, LatentCacheDataset):
+        return dataset.channels, dataset.image_size, dataset.image_size
+    if dataset.channels != vae.image_channels:
+        raise ValueError(f"the VAE {vae.identifier} encodes {vae.image_channels}-channel images but the data have "
+                         f"{dataset.channels} channel(s); use vae=none for this data")
+    if dataset.image_size % vae.downsample:
+        raise ValueError(f"data.image_size={dataset.image_size} is not divisible by the VAE's downsampling factor "
+                         f"{vae.downsample}; choose a multiple of {vae.downsample}")
+    size = dataset.image_size // vae.downsample
+    return vae.latent_channels, size, size
+
+
+def model_args(cfg, dataset, vae=None):
+    """Everything needed to rebuild the network, and the VAE that decodes its latents (None in pixel space);
+    stored in every checkpoint for sample.py."""
+    channels, size, _ = input_shape(dataset, vae)
+    vae_args = None if vae is None else dict(id=vae.identifier, path=cfg.vae.path, subfolder=cfg.vae.subfolder,
+                                             scaling_factor=vae.scaling_factor)
+    return dict(name=cfg.model.name, input_size=size, in_channels=channels,
                 num_classes=dataset.num_classes, learn_sigma=cfg.diffusion.learn_sigma,
-                **OmegaConf.to_container(cfg.model.kwargs, resolve=True))
+                **OmegaConf.to_container(cfg.model.kwargs, resolve=True), vae=vae_args)
 
 
 def build_model(args):
     kwargs = dict(args)
+    kwargs.pop("vae", None)
     return create_model(kwargs.pop("name"), **kwargs)
+
+
+def apply_flips(x, flip, cached):
+    """This step's horizontal flips: mirror images, or pick each latent-cache item's (b, 2, 2C, h, w) posterior
+    of the image as is (index 0) or mirrored (index 1)."""
+    if cached:
+        return torch.where(flip[:, None, None, None], x[:, 1], x[:, 0])
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def decode(vae, z):
+    """Samples -> images in [-1, 1]: decoded latents, or the samples themselves in pixel space."""
+    return z if vae is None else vae.decode(z)
 
 
 def batch_source(dataset, sampler, cfg, device):
@@ -91,23 +127,22 @@ def batch_source(dataset, sampler, cfg, device):
 
 
 @torch.no_grad()
-def write_grid(ema, cfg, dataset, diffusion_kwargs, path, device):
+def write_grid(ema, cfg, dataset, shape, vae, diffusion_kwargs, path, device):
     """EMA samples, one row per class (up to 10 classes), from a fixed seed so grids are comparable."""
     rows = min(dataset.num_classes, 10) if dataset.num_classes > 0 else 1
     labels = torch.arange(rows, device=device).repeat_interleave(cfg.sample.per_class)
     if dataset.num_classes == 0:
         labels = torch.zeros_like(labels)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    noise = torch.randn(len(labels), dataset.channels, dataset.image_size, dataset.image_size,
-                        generator=generator, device=device)
+    noise = torch.randn(len(labels), *shape, generator=generator, device=device)
     x0 = sample(ema, noise, labels, null_class=dataset.num_classes, sampler=cfg.sample.sampler,
                 steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, cfg_channels=cfg.sample.cfg_channels,
-                clip_denoised=True, diffusion_kwargs=diffusion_kwargs)
-    save_grid(to_uint8(x0).cpu(), path, nrow=cfg.sample.per_class)
+                clip_denoised=vae is None, diffusion_kwargs=diffusion_kwargs)  # latents are not in [-1, 1]
+    save_grid(to_uint8(decode(vae, x0)).cpu(), path, nrow=cfg.sample.per_class)
 
 
 @torch.no_grad()
-def ema_fid(ema, scorer, cfg, dataset, diffusion_kwargs, dist, device):
+def ema_fid(ema, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, device):
     """FID of cfg.fid.num_samples EMA samples (classes in turn), each rank drawing a contiguous share."""
     share = np.array_split(np.arange(cfg.fid.num_samples), dist.world_size)[dist.rank]
     chunks = np.array_split(share, max(1, math.ceil(len(share) / cfg.fid.batch_size)))
@@ -116,12 +151,11 @@ def ema_fid(ema, scorer, cfg, dataset, diffusion_kwargs, dist, device):
         for chunk in chunks:
             generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + int(chunk[0]))
             labels = torch.as_tensor(chunk % max(dataset.num_classes, 1), device=device)
-            noise = torch.randn(len(chunk), dataset.channels, dataset.image_size, dataset.image_size,
-                                generator=generator, device=device)
+            noise = torch.randn(len(chunk), *shape, generator=generator, device=device)
             x0 = sample(ema, noise, labels, null_class=dataset.num_classes, sampler=cfg.sample.sampler,
-                        steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale,
-                        cfg_channels=cfg.sample.cfg_channels, clip_denoised=True, diffusion_kwargs=diffusion_kwargs)
-            yield to_uint8(x0)
+                        steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, cfg_channels=cfg.sample.cfg_channels,
+                        clip_denoised=vae is None, diffusion_kwargs=diffusion_kwargs)
+            yield to_uint8(decode(vae, x0))
     return scorer.score(batches(), all_reduce=dist.world_size > 1)
 
 
@@ -132,6 +166,10 @@ def check_resume_config(saved, cfg, path):
         if saved.get(key) != current.get(key):
             raise ValueError(f"{path} was trained with {key}={saved.get(key)} but the config now says "
                              f"{key}={current.get(key)}; restore those settings to resume, or set a new run_dir")
+    vae_identity = lambda c: {k: (c.get("vae") or {}).get(k) for k in ("name", "id", "scaling_factor")}
+    if "vae" in saved and vae_identity(saved) != vae_identity(current):  # vae.path may change, the VAE may not
+        raise ValueError(f"{path} was trained with vae={vae_identity(saved)} but the config now says "
+                         f"vae={vae_identity(current)}; restore those settings to resume, or set a new run_dir")
 
 
 #################################################################################
@@ -153,9 +191,17 @@ def train(cfg):
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    # Data, model, EMA, optimizer, diffusion.
+    # Data (and the VAE of latent diffusion), model, EMA, optimizer, diffusion.
     dataset = build_dataset(**cfg.data)
-    args = model_args(cfg, dataset)
+    cached = isinstance(dataset, LatentCacheDataset)   # items are posteriors of both flips, not images
+    vae = build_vae(**cfg.vae)
+    if vae is not None:
+        vae.to(device)
+    if cached:  # refuse a cache made with another VAE, scaling factor or resolution
+        check_cache(dataset.manifest, vae=vae and vae.identifier, scaling_factor=vae and vae.scaling_factor,
+                    image_size=cfg.data.image_size, source=f"the latent cache {cfg.data.path}")
+    args = model_args(cfg, dataset, vae)
+    shape = input_shape(dataset, vae)                  # (C, H, W) the network sees: latents or pixels
     torch.manual_seed(cfg.seed)  # the initial weights; every later draw comes from step_generator
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -163,7 +209,7 @@ def train(cfg):
                             weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
     diffusion_kwargs = OmegaConf.to_container(cfg.diffusion, resolve=True)
     diffusion = create_diffusion(timestep_respacing="", **diffusion_kwargs)
-    stats = model_stats(lambda: build_model(args), (dataset.channels, dataset.image_size, dataset.image_size))
+    stats = model_stats(lambda: build_model(args), shape)
 
     # Resume from the newest complete checkpoint, if any.
     step = 0
@@ -203,7 +249,8 @@ def train(cfg):
     if dist.is_main:
         logger = RunLogger(run_dir, OmegaConf.to_container(cfg, resolve=True), **_logger_kwargs(cfg))
         print(f"{args['name']}: {stats['params'] / 1e6:.2f}M parameters, {stats['gflops']:.3f} Gflops per image; "
-              f"run_dir={run_dir}, starting at step {step}")
+              f"input {'x'.join(map(str, shape))}" + (f" ({vae.identifier} latents)" if vae else "") +
+              f"; run_dir={run_dir}, starting at step {step}")
 
     def checkpoint():
         if dist.is_main:
@@ -218,7 +265,7 @@ def train(cfg):
     def grid():
         if dist.is_main:
             path = run_dir / "samples" / f"{step:07d}.png"
-            write_grid(ema, cfg, dataset, diffusion_kwargs, path, device)
+            write_grid(ema, cfg, dataset, shape, vae, diffusion_kwargs, path, device)
             logger.log_image("samples", path, step, caption=f"EMA samples at step {step}")
         barrier()
 
@@ -231,12 +278,15 @@ def train(cfg):
         gen = step_generator(cfg.seed, step, device)
         # Draw for the whole global batch and take this rank's slice: any world size sees the same numbers.
         t = torch.randint(0, diffusion.num_timesteps, (global_batch,), generator=gen, device=device)[lo:lo + b]
-        noise = torch.randn((global_batch, *x.shape[1:]), generator=gen, device=device)[lo:lo + b]
+        noise = torch.randn((global_batch, *shape), generator=gen, device=device)[lo:lo + b]
         drop = (torch.rand(global_batch, generator=gen, device=device) < cfg.train.class_dropout)[lo:lo + b]
-        flip = (torch.rand(global_batch, generator=gen, device=device) < 0.5)[lo:lo + b]
+        flip = (torch.rand(global_batch, generator=gen, device=device) < 0.5)[lo:lo + b] & bool(cfg.data.random_flip)
         y = torch.where(drop, dataset.num_classes, y)  # label dropout for classifier-free guidance
-        if cfg.data.random_flip:
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if cfg.data.random_flip or cached:  # a cache item always has a flip picked (index 0 when flips are off)
+            x = apply_flips(x, flip, cached)
+        if vae is not None:  # latent diffusion: z = (mean + std * eps) * scaling_factor, eps from this step
+            eps = torch.randn((global_batch, *shape), generator=gen, device=device)[lo:lo + b]
+            x = vae.latents(x if cached else vae.encode_moments(x), eps)
 
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, cfg.optim.lr, cfg.optim.warmup_steps)
@@ -279,7 +329,7 @@ def train(cfg):
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step != cfg.train.steps:
             grid()
         if scorer is not None and (step % cfg.fid.every == 0 or step == cfg.train.steps):
-            fid = ema_fid(ema, scorer, cfg, dataset, diffusion_kwargs, dist, device)
+            fid = ema_fid(ema, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, device)
             if dist.is_main:
                 logger.log({"step": step, "fid": fid, "fid_samples": cfg.fid.num_samples})
     progress.close()

@@ -3,13 +3,14 @@
 from .dit import BLOCK_TYPES, DIT_SIZES, DiT, DiT_models
 from .flops import count_params, forward_gflops, model_stats
 from .unet import UNet_models
+from .vae import VAE, build_vae
 
 # Every buildable model by name: "DiT-XL/2", "UNet-B", ... Each takes input_size, in_channels, num_classes,
 # learn_sigma (and its own extra keyword arguments).
 MODELS = {**DiT_models, **UNet_models}
 
 __all__ = ["BLOCK_TYPES", "DIT_SIZES", "DiT", "DiT_models", "MODELS", "UNet_models", "count_params",
-           "create_model", "forward_gflops", "model_stats"]
+           "VAE", "build_vae", "create_model", "forward_gflops", "model_stats"]
 
 
 def create_model(name, **kwargs):

@@ -1,0 +1,192 @@
+"""The latent cache: the VAE posterior of every image and of its mirror image, in memory-mapped .npy shards.
+
+Written once by `extract_latents.py`, read by `data=latents`. A cache folder holds
+
+    manifest.json          what the cache is: VAE, scaling factor, resolution, crop, counts, layout (see make_manifest)
+    labels.npy             (num_images,) int64 class ids, in ImageFolder order (sorted class folders)
+    shard-00000.npy ...    (n, 2, 2C, h, w) float: image, flip (0 = as is, 1 = mirrored), [mean; log-variance], h, w
+
+Storing the posterior (mean, log-variance) rather than one sample keeps the VAE's noise: each training step
+draws its own sample z = mean + exp(logvar / 2) * eps, as on-the-fly encoding would. Storing both flips keeps
+random horizontal flips exact (the VAE is not mirror-equivariant, so flipping latents would not do).
+Shards are opened lazily with np.load(mmap_mode="r") in each DataLoader worker, so the cache is never read
+into memory as a whole; the page cache keeps what is hot.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+LABELS = "labels.npy"
+CROP = "adm-center"        # data/imagefolder.py: center_crop_arr
+FLIPS = ["none", "horizontal"]
+DTYPES = ("float32", "float16")
+
+
+#################################################################################
+#                                   Helpers                                     #
+#################################################################################
+
+def shard_path(root, index):
+    """The file of shard `index`."""
+    return Path(root) / f"shard-{index:05d}.npy"
+
+
+def shard_range(index, shard_size, num_images):
+    """The image indices shard `index` holds (shards are contiguous blocks of shard_size images)."""
+    return range(index * shard_size, min((index + 1) * shard_size, num_images))
+
+
+def make_manifest(*, vae, scaling_factor, image_size, latent_channels, latent_size, num_images, classes,
+                  shard_size, dtype, source=None):
+    """The manifest of a cache (complete=False until every shard is on disk)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"latent cache dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return {"format": FORMAT, "vae": str(vae), "scaling_factor": float(scaling_factor), "image_size": int(image_size),
+            "crop": CROP, "flips": FLIPS, "latent_channels": int(latent_channels), "latent_size": int(latent_size),
+            "num_images": int(num_images), "num_classes": len(classes), "classes": list(classes),
+            "shard_size": int(shard_size), "num_shards": math.ceil(num_images / shard_size), "dtype": dtype,
+            "layout": "shard-NNNNN.npy: (images, flip [none, horizontal], [mean; logvar] channels, h, w)",
+            "source": None if source is None else str(source), "complete": False}
+
+
+def _replace_atomically(path, write):
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_manifest(root, manifest):
+    _replace_atomically(Path(root) / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+
+
+def write_labels(root, labels):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(labels, dtype=np.int64))
+    _replace_atomically(Path(root) / LABELS, write)
+
+
+def read_manifest(root):
+    """The manifest of the cache in folder `root`; a clear error when there is none."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no latent cache at {root} (no {MANIFEST}); make one with "
+                                f"`python extract_latents.py data.path=/data/imagenet/train out={root}`")
+    return json.loads(path.read_text())
+
+
+def check_cache(manifest, *, vae, scaling_factor, image_size, source="the latent cache"):
+    """Refuse a cache that is incomplete or disagrees with the config (VAE, scaling factor, resolution)."""
+    if not manifest.get("complete"):
+        raise ValueError(f"{source} is incomplete (its extraction stopped early); re-run the same extraction "
+                         f"command to finish it (finished shards are kept)")
+    problems = []
+    if vae is None:
+        problems.append(f"it holds latents of the VAE {manifest['vae']!r} but the config is in pixel space "
+                        f"(vae=none); set vae= to that VAE")
+    elif manifest["vae"] != vae:
+        problems.append(f"it was made with the VAE {manifest['vae']!r} but the config's VAE is {vae!r}")
+    if vae is not None and not math.isclose(manifest["scaling_factor"], scaling_factor, rel_tol=1e-6):
+        problems.append(f"its scaling factor is {manifest['scaling_factor']} but the config's VAE scales by "
+                        f"{scaling_factor} (vae.scaling_factor)")
+    if image_size is not None and manifest["image_size"] != image_size:
+        problems.append(f"it was made at {manifest['image_size']}x{manifest['image_size']} but "
+                        f"data.image_size={image_size}")
+    if problems:
+        raise ValueError(f"{source} does not fit the config: " + "; ".join(problems) +
+                         ". Use the settings the cache was made with, or extract a new cache for these settings.")
+
+
+#################################################################################
+#                                Writing shards                                 #
+#################################################################################
+
+class ShardWriter:
+    """Fills one shard through a temporary memory-mapped .npy beside it; `commit` renames it into place, so a
+    shard file exists only when complete (an interrupted extraction leaves only temporary files)."""
+
+    def __init__(self, root, index, count, entry_shape, dtype):
+        self.path = shard_path(root, index)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=(count, *entry_shape))
+        self.filled = 0
+
+    @property
+    def remaining(self):
+        return len(self.array) - self.filled
+
+    def write(self, entries):
+        """Append as many of `entries` (n, *entry_shape) as fit; returns how many were taken."""
+        take = min(len(entries), self.remaining)
+        self.array[self.filled:self.filled + take] = entries[:take]
+        self.filled += take
+        return take
+
+    def commit(self):
+        assert self.remaining == 0, f"{self.path}: {self.remaining} entries still missing"
+        self.array.flush()
+        del self.array
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+
+#################################################################################
+#                                 The dataset                                   #
+#################################################################################
+
+class LatentCacheDataset(Dataset):
+    """Items are (moments, y): moments float32 (2, 2C, h, w) = [as is, mirrored] x [mean; log-variance], y the
+    class id. The training loop picks the flip and draws the posterior sample from its step generator, so a
+    resumed run replays them exactly.
+
+    channels and image_size are the latents' (what the network sees); `resolution` is the images'.
+    """
+
+    def __init__(self, path):
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"latent cache folder {self.root} does not exist; set data.path to a folder "
+                                    f"written by extract_latents.py")
+        self.manifest = read_manifest(self.root)
+        m = self.manifest
+        if m.get("format") != FORMAT:
+            raise ValueError(f"{self.root}: latent cache format {m.get('format')}, this code reads format {FORMAT}")
+        self.num_classes, self.channels, self.image_size = m["num_classes"], m["latent_channels"], m["latent_size"]
+        self.resolution, self.shard_size, self.num_images = m["image_size"], m["shard_size"], m["num_images"]
+        self.entry_shape = (2, 2 * self.channels, self.image_size, self.image_size)
+        self.labels = np.load(self.root / LABELS)   # (num_images,) int64: small, kept in memory
+        self._shards = {}   # index -> np.memmap, opened on first use in each process
+
+    def __len__(self):
+        return self.num_images
+
+    def __getstate__(self):  # DataLoader workers get the description, never open memory maps
+        return {**self.__dict__, "_shards": {}}
+
+    def shard(self, index):
+        """Shard `index` as a read-only memory map, opened once per process and checked against the manifest."""
+        if index not in self._shards:
+            path = shard_path(self.root, index)
+            array = np.load(path, mmap_mode="r")
+            expected = (len(shard_range(index, self.shard_size, self.num_images)), *self.entry_shape)
+            if array.shape != expected or array.dtype != np.dtype(self.manifest["dtype"]):
+                raise ValueError(f"{path} holds {array.dtype} {array.shape}, the manifest says "
+                                 f"{self.manifest['dtype']} {expected}; delete it and re-run the extraction")
+            self._shards[index] = array
+        return self._shards[index]
+
+    def __getitem__(self, i):
+        index, row = divmod(i, self.shard_size)
+        moments = torch.from_numpy(np.array(self.shard(index)[row], dtype=np.float32))   # (2, 2C, h, w)
+        return moments, int(self.labels[i])

@@ -1,0 +1,123 @@
+"""Extract a latent cache once: the VAE posterior of every image and of its mirror image, in .npy shards.
+
+    python extract_latents.py data.path=/data/imagenet/train out=/data/in256-sd-vae-ft-ema
+    torchrun --nproc_per_node=8 extract_latents.py data.path=/data/imagenet/train data.image_size=512 \
+        out=/data/in512-sd-vae-ft-ema
+    python train.py experiment=imagenet256 data=latents data.path=/data/in256-sd-vae-ft-ema
+
+Each rank encodes a contiguous block of shards. A shard is written to a temporary file and renamed when
+complete, so re-running the same command after a crash or kill skips the finished shards and redoes the rest.
+manifest.json says what the cache holds (VAE, scaling factor, resolution, crop, counts) and is marked complete
+by whichever rank finishes last; training refuses an incomplete cache or one made with other settings.
+Ranks never wait for each other, so a resumed run with uneven remaining work cannot hit a collective timeout.
+"""
+
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from data import ImageFolderDataset, build_dataset
+from data.latents import (LABELS, MANIFEST, ShardWriter, make_manifest, read_manifest, shard_path, shard_range,
+                          write_labels, write_manifest)
+from models import build_vae
+from utils.distributed import setup_distributed
+
+
+def check_existing(out, manifest):
+    """Refuse to add shards to a cache made with other settings (the `complete` flag may differ)."""
+    if not (Path(out) / MANIFEST).is_file():
+        return
+    existing = read_manifest(out)
+    differ = [k for k in manifest if k not in ("complete", "source") and existing.get(k) != manifest[k]]
+    if differ:
+        details = "; ".join(f"{k}: cache {existing.get(k)!r}, now {manifest[k]!r}" for k in differ if k != "classes")
+        raise ValueError(f"{out} holds a latent cache made with other settings ({details or 'other classes'}); "
+                         f"choose another out= or the settings it was made with")
+
+
+@torch.no_grad()
+def encode_both_flips(vae, x):
+    """Images (n, 3, H, W) -> (n, 2, 2C, h, w): posterior [mean; logvar] of each image as is and mirrored."""
+    moments = vae.encode_moments(torch.cat([x, x.flip(-1)]))    # (2n, 2C, h, w)
+    return torch.stack(moments.chunk(2), dim=1)
+
+
+def extract(cfg):
+    dist = setup_distributed(cfg.device)  # no collectives below: ranks only share the file system
+    device = dist.device
+    out = Path(cfg.out)
+    dataset = build_dataset(**cfg.data)
+    if not isinstance(dataset, ImageFolderDataset):
+        raise ValueError(f"data={cfg.data.name}: latent caches are made from image folders (data=imagenet or "
+                         f"data=imagefolder with data.path=...)")
+    vae = build_vae(**cfg.vae)
+    if vae is None:
+        raise ValueError("vae=none: a latent cache needs a VAE (vae=sd-vae-ft-ema, sd-vae-ft-mse or local)")
+    vae.to(device)
+    if cfg.data.image_size % vae.downsample:
+        raise ValueError(f"data.image_size={cfg.data.image_size} is not divisible by the VAE's downsampling "
+                         f"factor {vae.downsample}")
+    latent_size = cfg.data.image_size // vae.downsample
+    manifest = make_manifest(vae=vae.identifier, scaling_factor=vae.scaling_factor, image_size=cfg.data.image_size,
+                             latent_channels=vae.latent_channels, latent_size=latent_size, num_images=len(dataset),
+                             classes=dataset.classes, shard_size=cfg.shard_size, dtype=cfg.dtype,
+                             source=Path(cfg.data.path).resolve())
+    check_existing(out, manifest)   # every rank checks before it writes anything
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / LABELS).is_file():  # every rank may write it (same content, atomically): there before any manifest
+        write_labels(out, dataset.targets)
+    if dist.is_main and not (out / MANIFEST).is_file():
+        write_manifest(out, manifest)
+        print(f"latent cache {out}: {len(dataset)} images, {len(dataset.classes)} classes, "
+              f"{manifest['num_shards']} shards of {cfg.shard_size}; latents {vae.latent_channels}x"
+              f"{latent_size}x{latent_size} from {vae.identifier}")
+
+    # This rank's contiguous block of shards, minus those already on disk.
+    mine = np.array_split(np.arange(manifest["num_shards"]), dist.world_size)[dist.rank].tolist()
+    for index in mine:  # temporary files of an interrupted run of this rank's shards
+        for stale in out.glob(f".{shard_path(out, index).name}.tmp*"):
+            stale.unlink()
+    todo = [i for i in mine if not shard_path(out, i).is_file()]
+    indices = [j for i in todo for j in shard_range(i, cfg.shard_size, len(dataset))]
+    entry_shape = (2, 2 * vae.latent_channels, latent_size, latent_size)
+    loader = DataLoader(Subset(dataset, indices), batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
+                        pin_memory=device.type == "cuda")
+    done = sum(len(shard_range(i, cfg.shard_size, len(dataset))) for i in mine) - len(indices)
+    progress = tqdm(total=done + len(indices), initial=done, desc=f"extract (rank {dist.rank})", unit="img",
+                    disable=not dist.is_main, mininterval=2)
+    pending, writer = iter(todo), None
+    for x, _ in loader:
+        entries = encode_both_flips(vae, x.to(device, non_blocking=True)).cpu().numpy()
+        progress.update(len(entries))
+        while len(entries):  # a batch may end one shard and start the next
+            if writer is None:
+                index = next(pending)
+                writer = ShardWriter(out, index, len(shard_range(index, cfg.shard_size, len(dataset))),
+                                     entry_shape, cfg.dtype)
+            entries = entries[writer.write(entries):]
+            if writer.remaining == 0:
+                writer.commit()
+                writer = None
+    progress.close()
+
+    # Whoever finds every shard on disk marks the cache complete (the last rank to finish always does).
+    if all(shard_path(out, i).is_file() for i in range(manifest["num_shards"])):
+        write_manifest(out, {**manifest, "complete": True})
+        if dist.is_main:
+            print(f"latent cache complete: {out} (train with data=latents data.path={out})")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return out
+
+
+@hydra.main(config_path="conf", config_name="extract", version_base="1.3")
+def main(cfg):
+    extract(cfg)
+
+
+if __name__ == "__main__":
+    main()
