@@ -22,6 +22,8 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -34,6 +36,7 @@ from utils.checkpoint import latest_checkpoint, load_checkpoint, load_model_weig
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.images import save_grid, to_uint8
 from utils.logger import RunLogger, truncate_metrics
+from utils.parallel import checkpoint_activations, compile_blocks, full_state_dict, shard_model
 
 # run_dir suffix for sweeps over settings other than model/data: "runs/digits/DiT-S-2_optim.lr=0.0003".
 OmegaConf.register_new_resolver("sweep_suffix", lambda s: "_" + s.replace("/", "-") if s else "", replace=True)
@@ -159,6 +162,55 @@ def ema_fid(ema, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, devic
     return scorer.score(batches(), all_reduce=dist.world_size > 1)
 
 
+def parallelize(model, ema, cfg, dist, device):
+    """Apply activation checkpointing, compiled blocks and DDP or FSDP2; returns the module the loop calls."""
+    if cfg.train.grad_checkpoint:
+        checkpoint_activations(model)
+    if cfg.train.compile:
+        compile_blocks(model)
+    if cfg.train.parallel == "fsdp":
+        if not torch.distributed.is_initialized():
+            raise ValueError("train.parallel=fsdp shards the model over processes: launch with torchrun "
+                             "(torchrun --nproc_per_node=N train.py ...), or use train.parallel=ddp")
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32  # fp32 gradient reductions always
+        shard_model(model, param_dtype=dtype)
+        shard_model(ema, param_dtype=dtype)
+        return model
+    if cfg.train.parallel != "ddp":
+        raise ValueError(f"train.parallel={cfg.train.parallel!r}; choose ddp or fsdp")
+    if dist.world_size > 1:
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def training_state(model, ema, opt, fsdp):
+    """(model, ema, optimizer) state dicts to save: plain and unsharded (gathered to rank 0 under FSDP)."""
+    if not fsdp:
+        return model.state_dict(), ema.state_dict(), opt.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return full_state_dict(model), full_state_dict(ema), get_optimizer_state_dict(model, opt, options=options)
+
+
+def load_optimizer_state(model, opt, state, fsdp):
+    if fsdp:
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def sampling_model(ema, args, fsdp, device, all_ranks):
+    """The EMA network as one plain module; under FSDP its shards are gathered (a collective on every rank)
+    into a fresh copy on rank 0, or on every rank when all of them sample."""
+    if not fsdp:
+        return ema
+    state = full_state_dict(ema, all_ranks=all_ranks)
+    if not state:  # ranks other than 0 when only rank 0 samples
+        return None
+    network = build_model(args).to(device)
+    network.load_state_dict(state)
+    return network.eval().requires_grad_(False)
+
+
 def check_resume_config(saved, cfg, path):
     """Refuse to resume a run with another model or diffusion (a changed train.steps is fine)."""
     current = OmegaConf.to_container(cfg, resolve=True)
@@ -205,29 +257,30 @@ def train(cfg):
     torch.manual_seed(cfg.seed)  # the initial weights; every later draw comes from step_generator
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
     diffusion_kwargs = OmegaConf.to_container(cfg.diffusion, resolve=True)
     diffusion = create_diffusion(timestep_respacing="", **diffusion_kwargs)
     stats = model_stats(lambda: build_model(args), shape)
 
-    # Resume from the newest complete checkpoint, if any.
-    step = 0
+    # Resume from the newest complete checkpoint, if any (weights load before any wrapping or sharding).
+    step, opt_state = 0, None
     ckpt_path = latest_checkpoint(ckpt_dir)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         check_resume_config(ckpt["config"], cfg, ckpt_path)
         load_model_weights(model, ckpt["model"], ckpt_path)
         load_model_weights(ema, ckpt["ema"], ckpt_path)
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
+        step, opt_state = ckpt["step"], ckpt["opt"]
         del ckpt
     if dist.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", step)
 
     raw_model = model
-    if dist.world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = parallelize(model, ema, cfg, dist, device)
+    fsdp = cfg.train.parallel == "fsdp"
+    opt = torch.optim.AdamW(raw_model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    if opt_state is not None:
+        load_optimizer_state(raw_model, opt, opt_state, fsdp)
 
     global_batch = cfg.train.batch_size
     sampler = StepSampler(len(dataset), global_batch, dist.rank, dist.world_size, cfg.seed, start_step=step)
@@ -253,9 +306,11 @@ def train(cfg):
               f"; run_dir={run_dir}, starting at step {step}")
 
     def checkpoint():
+        # Plain, unsharded state dicts whatever the parallelism (under FSDP every rank takes part in gathering).
+        model_state, ema_state, opt_state = training_state(raw_model, ema, opt, fsdp)
         if dist.is_main:
             save_checkpoint({
-                "model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                "model": model_state, "ema": ema_state, "opt": opt_state, "step": step,
                 "config": OmegaConf.to_container(cfg, resolve=True), "model_args": args,
                 # Every random draw derives from (seed, step): the data position and RNG state are the step.
                 "rng": {"seed": cfg.seed, "samples_seen": step * global_batch},
@@ -263,9 +318,10 @@ def train(cfg):
         barrier()
 
     def grid():
+        network = sampling_model(ema, args, fsdp, device, all_ranks=False)
         if dist.is_main:
             path = run_dir / "samples" / f"{step:07d}.png"
-            write_grid(ema, cfg, dataset, shape, vae, diffusion_kwargs, path, device)
+            write_grid(network, cfg, dataset, shape, vae, diffusion_kwargs, path, device)
             logger.log_image("samples", path, step, caption=f"EMA samples at step {step}")
         barrier()
 
@@ -304,6 +360,8 @@ def train(cfg):
         for key in ("loss", "mse", "vb"):
             if key in losses:
                 sums[key] = sums.get(key, 0.0) + losses[key].detach().mean()
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach()
         window_steps += 1
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -329,7 +387,8 @@ def train(cfg):
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step != cfg.train.steps:
             grid()
         if scorer is not None and (step % cfg.fid.every == 0 or step == cfg.train.steps):
-            fid = ema_fid(ema, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, device)
+            network = sampling_model(ema, args, fsdp, device, all_ranks=True)
+            fid = ema_fid(network, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, device)
             if dist.is_main:
                 logger.log({"step": step, "fid": fid, "fid_samples": cfg.fid.num_samples})
     progress.close()

@@ -103,3 +103,54 @@ def test_dpm_solver_samples_with_guidance():
         b = sample(model, noise, labels, null_class=10, sampler="dpm-solver++", steps=5, cfg_scale=1.0)
     assert a.shape == noise.shape and torch.isfinite(a).all()
     assert not torch.allclose(a, b)  # guidance changes the result
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The options through train.py
+# ------------------------------------------------------------------------------------------------------------
+
+TRAIN = ["logger=none", "device=cpu", "train.batch_size=16", "train.log_every=1", "train.ckpt_every=2",
+         "sample.steps=2", "sample.per_class=1"]
+
+
+@pytest.mark.slow
+def test_fsdp_two_gloo_processes_match_one_process_and_resume(tmp_path):
+    import train as train_script
+    from conftest import compose_config, run_script
+    from utils.checkpoint import latest_checkpoint, load_checkpoint
+
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537", "train.py"]
+    run_script([*torchrun, *TRAIN, "train.steps=2", "train.parallel=fsdp", f"run_dir={tmp_path}/fsdp"],
+               env={"OMP_NUM_THREADS": "1"})
+    train_script.train(compose_config(overrides=[*TRAIN, "train.steps=2", f"run_dir={tmp_path}/single"]))
+    fsdp = load_checkpoint(latest_checkpoint(tmp_path / "fsdp" / "checkpoints"))
+    single = load_checkpoint(latest_checkpoint(tmp_path / "single" / "checkpoints"))
+    assert fsdp["model"].keys() == single["model"].keys()  # plain, unsharded checkpoints
+    for key in ("model", "ema"):
+        for name in single[key]:
+            torch.testing.assert_close(fsdp[key][name], single[key][name], rtol=1e-5, atol=1e-6)
+    # Resuming the sharded run restores the optimizer and continues.
+    run_script([*torchrun, *TRAIN, "train.steps=4", "train.parallel=fsdp", f"run_dir={tmp_path}/fsdp"],
+               env={"OMP_NUM_THREADS": "1"})
+    assert load_checkpoint(latest_checkpoint(tmp_path / "fsdp" / "checkpoints"))["step"] == 4
+
+
+def test_fsdp_without_torchrun_is_refused(tmp_path):
+    import train as train_script
+    from conftest import compose_config
+
+    with pytest.raises(ValueError, match="launch with torchrun"):
+        train_script.train(compose_config(overrides=[*TRAIN, "train.parallel=fsdp", f"run_dir={tmp_path}"]))
+
+
+def test_checkpointing_option_trains(tmp_path):
+    import train as train_script
+    from conftest import compose_config
+    from utils.checkpoint import latest_checkpoint, load_checkpoint
+
+    for name, extra in (("plain", []), ("ckpt", ["train.grad_checkpoint=true"])):
+        train_script.train(compose_config(overrides=[*TRAIN, "train.steps=2", *extra, f"run_dir={tmp_path}/{name}"]))
+    a = load_checkpoint(latest_checkpoint(tmp_path / "plain" / "checkpoints"))["model"]
+    b = load_checkpoint(latest_checkpoint(tmp_path / "ckpt" / "checkpoints"))["model"]
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)

@@ -44,8 +44,10 @@ def shard_model(model, param_dtype=torch.bfloat16, reduce_dtype=torch.float32):
     return model
 
 
-def full_state_dict(model):
-    """A plain (unsharded, CPU) state_dict of a possibly FSDP-sharded model; call on every rank."""
+def full_state_dict(model, all_ranks=False):
+    """A plain (unsharded) state_dict of an FSDP-sharded model; a collective, so call it on every rank. Rank 0
+    gets it on the CPU (the others an empty dict), or every rank gets it on its device with all_ranks=True."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
+    return get_model_state_dict(model, options=options)
