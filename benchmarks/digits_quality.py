@@ -1,7 +1,7 @@
 """Judge the default digits run: does each sample look like the digit it was conditioned on?
 
     python benchmarks/digits_quality.py                      # train the default (python train.py), then judge
-    python benchmarks/digits_quality.py --run runs/digits/DiT-T-2 --skip-train --cfg-scale 1.5
+    python benchmarks/digits_quality.py --run runs/digits/DiT-Mini-2 --skip-train --cfg-scale 1.5
 
 A classifier trained on real digits (an RBF support-vector machine, ~99% accurate on held-out digits) labels
 every sample; the score is the share assigned to the conditioning class. The Frechet distance between
@@ -35,7 +35,7 @@ def frechet(a, b):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/digits/DiT-T-2", help="run_dir of the default training run")
+    parser.add_argument("--run", default="runs/digits/DiT-Mini-2", help="run_dir of the default training run")
     parser.add_argument("--skip-train", action="store_true", help="judge an existing run without training")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--sampler", default="ddpm")

@@ -67,7 +67,7 @@ def test_unknown_group_options_list_the_valid_ones():
 def test_dry_run_prints_the_resolved_config(tmp_path):
     result = run_script(["train.py", "dry_run=true", f"run_dir={tmp_path}/r"])
     printed = OmegaConf.create(result.stdout)
-    assert printed.run_dir == f"{tmp_path}/r" and printed.model.name == "DiT-T/2"
+    assert printed.run_dir == f"{tmp_path}/r" and printed.model.name == "DiT-Mini/2"
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
