@@ -1,0 +1,432 @@
+"""Scaling plots in the manner of the DiT paper (Peebles & Xie 2023, Figs. 2, 6, 8, 9): quality against
+training steps, model Gflops and training compute, with a power-law fit.
+
+    python -m evaluation.scaling runs/scaling-digits                 # a sweep folder (searched recursively)
+    python -m evaluation.scaling runs/a runs/b --out plots/ --metric mse --last 5 --wandb
+
+A run folder is any folder holding `metrics.jsonl` (what train.py writes) and, beside it, `config.yaml` (the
+resolved config: model name and batch size). The quality metric is FID when every run logged one, else the
+training loss averaged over the last K logged rows (each row is already a mean over `train.log_every` steps):
+a single diffusion loss value is too noisy to compare models by. `--metric mse` uses the loss's MSE term
+alone, which leaves out the high-variance variational-bound term. Models are compared at one training step
+(the last one every run reached, or --step), as the paper compares them at 400K steps. Training compute is
+counted as the paper does: forward Gflops per image x 3 (forward + backward) x batch x steps.
+
+Writes, into --out (default: <the folder given>/scaling): metric_vs_steps.png, metric_vs_gflops.png,
+metric_vs_compute.png, scaling.png (the three side by side), scaling.md (the table and the fit) and
+scaling.json (the same numbers for scripts); prints the table. --wandb logs the images and table to a W&B
+run (offline without an API key).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+# Folders a run keeps beside metrics.jsonl that never hold other runs; skipped while searching.
+_SKIP_DIRS = {"checkpoints", "samples", "wandb", "__pycache__", ".git"}
+METRICS = ("auto", "fid", "loss", "mse")
+
+
+#################################################################################
+#                                Reading runs                                   #
+#################################################################################
+
+@dataclass
+class Run:
+    """One training run as the collector sees it: identity, size, and its logged rows."""
+    path: Path
+    name: str                      # the folder's path below the searched root, e.g. "DiT-S-2"
+    model: str                     # config.yaml model.name, e.g. "DiT-S/2"
+    batch_size: int | None
+    gflops: float | None           # forward Gflops per image, as logged by train.py
+    params: int | None
+    rows: list = field(default_factory=list)
+
+
+def train_compute(gflops, batch_size, steps):
+    """Training compute in the paper's units: Gflops x 3 (forward + backward ~ 3 forwards) x batch x steps."""
+    return gflops * 3 * batch_size * steps
+
+
+def find_runs(paths):
+    """Every folder under `paths` (each a run folder or a folder of them, any depth) holding metrics.jsonl."""
+    found = []
+    for root in map(Path, paths):
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist; pass run folders or a sweep folder")
+        if root.is_file():  # a metrics.jsonl given directly
+            root = root.parent
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+            if "metrics.jsonl" in files:
+                found.append(Path(folder))
+    return sorted(set(found))
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl; a torn last line (a run killed mid-write) is ignored."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _checkpoint_params(run_dir):
+    """Number of entries in the newest checkpoint's model state dict (None when there is no checkpoint).
+    The file is memory-mapped, so only its metadata is read, even for DiT-XL."""
+    from utils.checkpoint import latest_checkpoint
+    path = latest_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        return None
+    try:
+        import torch
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(sum(v.numel() for v in state["model"].values()))
+    except Exception:  # an unreadable or foreign checkpoint only costs the params column
+        return None
+
+
+def load_run(run_dir, root=None):
+    """A Run from a folder with metrics.jsonl (and, normally, config.yaml)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    name = run_dir.relative_to(root).as_posix() if root is not None and run_dir != root else run_dir.name
+    model = (config.get("model") or {}).get("name") or name
+    batch = (config.get("train") or {}).get("batch_size")
+    gflops = next((r["gflops"] for r in reversed(rows) if "gflops" in r), None)
+    params = next((r["params"] for r in reversed(rows) if "params" in r), None) or _checkpoint_params(run_dir)
+    return Run(path=run_dir, name=name, model=model, batch_size=batch, gflops=gflops, params=params, rows=rows)
+
+
+def load_runs(paths):
+    """Runs found under `paths`, named by their path below the common folder of all of them."""
+    dirs = find_runs(paths)
+    if not dirs:
+        raise FileNotFoundError(f"no metrics.jsonl under {', '.join(map(str, paths))}")
+    root = Path(os.path.commonpath([d.resolve() for d in dirs]))
+    if len(dirs) == 1:
+        root = root.parent
+    return [load_run(d.resolve(), root) for d in dirs]
+
+
+#################################################################################
+#                                 Measurements                                  #
+#################################################################################
+
+def choose_metric(runs, metric="auto"):
+    """'auto': FID when every run logged it (the paper's measure), else the training loss."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}; choose one of {', '.join(METRICS)}")
+    if metric != "auto":
+        return metric
+    return "fid" if all(any("fid" in r for r in run.rows) for run in runs) else "loss"
+
+
+def metric_label(metric, last):
+    if metric == "fid":
+        return "FID"
+    term = "training loss" if metric == "loss" else "training MSE"
+    return f"{term} (mean of last {last} logged rows)"
+
+
+def curve(run, metric, last, max_step=None):
+    """(steps, compute, values) of `metric` along a run. Loss-type metrics are a trailing mean over `last`
+    logged rows, so each point is the same measurement as the final one."""
+    rows = [r for r in run.rows if metric in r and "step" in r and (max_step is None or r["step"] <= max_step)]
+    rows.sort(key=lambda r: r["step"])
+    # A resume re-logs steps it redoes; keep the last row per step.
+    rows = list({r["step"]: r for r in rows}.values())
+    if not rows:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    steps = np.array([r["step"] for r in rows], dtype=np.float64)
+    values = np.array([r[metric] for r in rows], dtype=np.float64)
+    if metric != "fid" and last > 1:
+        csum = np.concatenate([[0.0], np.cumsum(values)])
+        lo = np.maximum(np.arange(1, len(values) + 1) - last, 0)
+        values = (csum[1:] - csum[lo]) / (np.arange(1, len(values) + 1) - lo)
+    compute = np.array([_row_compute(run, r) for r in rows], dtype=np.float64)
+    return steps, compute, values
+
+
+def _row_compute(run, row):
+    """Training compute at a row: as logged by train.py, else recomputed from Gflops, batch and step."""
+    if "train_compute_gflops" in row:
+        return row["train_compute_gflops"]
+    if run.gflops is None or run.batch_size is None:
+        return math.nan
+    return train_compute(run.gflops, run.batch_size, row["step"])
+
+
+def fit_power_law(x, y):
+    """Least squares of log10 y = log10 a + b log10 x. Returns (a, b, r2), r2 in log space."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    lx, ly = np.log10(x[keep]), np.log10(y[keep])
+    if len(lx) < 2 or np.ptp(lx) == 0:
+        return math.nan, math.nan, math.nan
+    b, log_a = np.polyfit(lx, ly, 1)
+    residual = ly - (log_a + b * lx)
+    total = np.sum((ly - ly.mean()) ** 2)
+    r2 = 1.0 - np.sum(residual ** 2) / total if total > 0 else 1.0
+    return float(10 ** log_a), float(b), float(r2)
+
+
+def summarize(runs, metric="auto", last=5, max_step=None):
+    """One record per run with a value of the metric: size, compute so far and the metric at the comparison
+    step, sorted by Gflops; plus the power-law fits of that metric against Gflops and against training compute.
+
+    Models are compared at the same training step, as in the paper (FID at 400K steps): `max_step`, or by default
+    the last step every run has reached, so a sweep still in progress is compared fairly."""
+    metric = choose_metric(runs, metric)
+    ends = {}
+    for run in runs:
+        steps, _, _ = curve(run, metric, last)
+        if len(steps) == 0:
+            print(f"scaling: {run.name} has no {metric!r} rows; left out", file=sys.stderr)
+        else:
+            ends[run.name] = int(steps[-1])
+    step = max_step if max_step is not None else min(ends.values(), default=None)
+    if max_step is None and len(set(ends.values())) > 1:
+        print(f"scaling: runs end at different steps ({min(ends.values())}..{max(ends.values())}); comparing them "
+              f"at step {step} (--step to choose)", file=sys.stderr)
+    records = []
+    for run in runs:
+        if run.name not in ends:
+            continue
+        steps, compute, values = curve(run, metric, last, step)
+        if len(values) == 0:
+            print(f"scaling: {run.name} logged no {metric!r} at or before step {step}; left out", file=sys.stderr)
+            continue
+        records.append(dict(run=run.name, model=run.model, params=run.params, gflops=run.gflops,
+                            steps=int(steps[-1]), batch_size=run.batch_size, train_compute_gflops=float(compute[-1]),
+                            value=float(values[-1])))
+    records.sort(key=lambda r: (r["gflops"] if r["gflops"] is not None else math.inf, r["run"]))
+    fits = {}
+    for key in ("gflops", "train_compute_gflops"):
+        a, b, r2 = fit_power_law([r[key] if r[key] is not None else math.nan for r in records],
+                                 [r["value"] for r in records])
+        fits[key] = dict(a=a, b=b, r2=r2)
+    return dict(metric=metric, label=metric_label(metric, last), last=last, step=step, records=records, fits=fits)
+
+
+#################################################################################
+#                                    Output                                     #
+#################################################################################
+
+def _fmt(x, spec):
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _fmt_params(p):
+    return "–" if p is None else f"{p / 1e6:.2f}M"
+
+
+def markdown_table(summary):
+    """The table (one row per run, by Gflops) and a line per fit, in markdown."""
+    records = summary["records"]
+    models = [r["model"] for r in records]
+    show_run = len(set(models)) < len(models) or any(r["run"] != r["model"].replace("/", "-") for r in records)
+    head = (["run"] if show_run else []) + ["model", "params", "Gflops", "steps", "batch", "training compute (Gflops)",
+                                            summary["label"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        cells = ([r["run"]] if show_run else []) + [
+            r["model"], _fmt_params(r["params"]), _fmt(r["gflops"], ".4g"), str(r["steps"]), _fmt(r["batch_size"], "d"),
+            _fmt(r["train_compute_gflops"], ".3e"), _fmt(r["value"], ".4f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for key, what in (("gflops", "Gflops"), ("train_compute_gflops", "training compute")):
+        f = summary["fits"][key]
+        lines.append(f"Power-law fit against {what}: {summary['label']} = {_fmt(f['a'], '.4g')} · "
+                     f"x^{_fmt(f['b'], '.4f')} (R² = {_fmt(f['r2'], '.3f')}, {len(records)} runs at step "
+                     f"{summary['step']:,})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _colors(runs):
+    """One colour per run, ordered by Gflops (small = dark), so every figure uses the same key."""
+    import matplotlib
+    order = sorted(runs, key=lambda r: (r.gflops if r.gflops is not None else math.inf, r.name))
+    cmap = matplotlib.colormaps["viridis"]
+    return {run.name: cmap(i / max(len(order) - 1, 1) * 0.9) for i, run in enumerate(order)}
+
+
+def _fit_line(ax, xs, f, label_x):
+    if not math.isfinite(f["b"]):
+        return
+    grid = np.geomspace(min(xs), max(xs), 50)
+    ax.plot(grid, f["a"] * grid ** f["b"], "k--", lw=1,
+            label=f"fit: y = {f['a']:.3g} · {label_x}^{f['b']:.3f}  (R² = {f['r2']:.2f})")
+
+
+def _tidy_log_axes(ax):
+    """Plain numbers on log axes ("0.15", "1e+03"), minor labels only when an axis spans under a decade."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+        if axis.get_scale() == "log" and lo > 0:
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(plain if hi / lo < 10 else NullFormatter())
+
+
+def plot(runs, summary, out_dir):
+    """Write the three figures and a combined one; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, last, label = summary["metric"], summary["last"], summary["label"]
+    colors = _colors(runs)
+    by_name = {r["run"]: r for r in summary["records"]}
+    shown = [run for run in runs if run.name in by_name]
+    shown.sort(key=lambda run: (run.gflops if run.gflops is not None else math.inf, run.name))
+
+    def legend_name(run):
+        return f"{run.name} ({_fmt(run.gflops, '.3g')} Gflops)"
+
+    def steps_panel(ax):
+        for run in shown:
+            steps, _, values = curve(run, metric, last)
+            ax.plot(steps, values, "-o", ms=2.5, color=colors[run.name], label=legend_name(run))
+        if any(r.rows and max(row.get("step", 0) for row in r.rows) > summary["step"] for r in shown):
+            ax.axvline(summary["step"], color="grey", ls=":", lw=1, label=f"compared at step {summary['step']:,}")
+        ax.set(xlabel="training steps", ylabel=label, yscale="log", title=f"{label.split(' (')[0]} vs training steps")
+
+    def gflops_panel(ax):
+        records = [r for r in summary["records"] if r["gflops"] is not None]
+        for r in records:
+            ax.scatter(r["gflops"], r["value"], s=40, color=colors[r["run"]], zorder=3)
+            ax.annotate(r["model"], (r["gflops"], r["value"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if records:
+            _fit_line(ax, [r["gflops"] for r in records], summary["fits"]["gflops"], "Gflops")
+        ax.margins(x=0.15, y=0.1)  # room for the labels
+        ax.set(xlabel="model Gflops (forward, per image)", ylabel=label, xscale="log", yscale="log",
+               title=f"{label.split(' (')[0]} at step {summary['step']:,} vs model Gflops")
+
+    def compute_panel(ax):
+        for run in shown:
+            _, compute, values = curve(run, metric, last)
+            ax.plot(compute, values, "-", color=colors[run.name], label=legend_name(run))
+            r = by_name[run.name]  # the compared point (the fit's data)
+            ax.scatter([r["train_compute_gflops"]], [r["value"]], s=40, color=colors[run.name], zorder=3)
+        records = [r for r in summary["records"] if math.isfinite(r["train_compute_gflops"])]
+        if records:
+            _fit_line(ax, [r["train_compute_gflops"] for r in records], summary["fits"]["train_compute_gflops"], "C")
+        ax.set(xlabel="training compute C (Gflops = Gflops x 3 x batch x steps)", ylabel=label, xscale="log",
+               yscale="log", title=f"{label.split(' (')[0]} vs training compute")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for key, panel in (("metric_vs_steps", steps_panel), ("metric_vs_gflops", gflops_panel),
+                       ("metric_vs_compute", compute_panel)):
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        panel(ax)
+        _tidy_log_axes(ax)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths[key] = out_dir / f"{key}.png"
+        fig.savefig(paths[key], dpi=120)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    for ax, panel in zip(axes, (steps_panel, gflops_panel, compute_panel)):
+        panel(ax)
+        _tidy_log_axes(ax)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["scaling"] = out_dir / "scaling.png"
+    fig.savefig(paths["scaling"], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def log_to_wandb(summary, images, out_dir, project="dit", group=None, mode=None):
+    """Log the figures and the table to a W&B run kept in out_dir (offline without an API key; a re-run of
+    the collector continues the same W&B run)."""
+    import wandb
+
+    from utils.logger import RunLogger
+    logger = RunLogger(out_dir, {"scaling": {k: v for k, v in summary.items() if k != "records"}}, backend="wandb",
+                       project=project, group=group, tags=["scaling"], name=f"scaling_{Path(out_dir).parent.name}",
+                       mode=mode)
+    step = max((r["steps"] for r in summary["records"]), default=0)
+    for key, path in images.items():
+        logger.log_image(key, path, step)
+    columns = ["run", "model", "params", "gflops", "steps", "batch_size", "train_compute_gflops", "value"]
+    table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in summary["records"]])
+    logger.wandb.log({"scaling_table": table, "step": step,
+                      **{f"fit/{k}/{p}": v for k, f in summary["fits"].items() for p, v in f.items()}})
+    logger.finish()
+
+
+def collect(paths, out_dir=None, metric="auto", last=5, max_step=None, wandb=False, project="dit", group=None):
+    """Read the runs under `paths`, write figures, scaling.md and scaling.json into out_dir; return the summary."""
+    paths = [Path(p) for p in paths]
+    runs = load_runs(paths)
+    if out_dir is None:
+        base = paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths]))
+        out_dir = base / "scaling"
+    out_dir = Path(out_dir)
+    summary = summarize(runs, metric, last, max_step)
+    if not summary["records"]:
+        raise ValueError(f"no run under {', '.join(map(str, paths))} logged {summary['metric']!r}")
+    images = plot(runs, summary, out_dir)
+    table = markdown_table(summary)
+    (out_dir / "scaling.md").write_text(table)
+    (out_dir / "scaling.json").write_text(json.dumps({**summary, "images": {k: str(v) for k, v in images.items()}},
+                                                     indent=2) + "\n")
+    if wandb:
+        log_to_wandb(summary, images, out_dir, project=project, group=group)
+    return {**summary, "table": table, "images": images, "out_dir": out_dir}
+
+
+#################################################################################
+#                                Command line                                   #
+#################################################################################
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m evaluation.scaling", description=__doc__.split("\n")[0])
+    p.add_argument("paths", nargs="+", help="run folders, or folders searched recursively for metrics.jsonl")
+    p.add_argument("--out", default=None, help="output folder (default: <the folder given>/scaling)")
+    p.add_argument("--metric", default="auto", choices=METRICS,
+                   help="auto = FID when every run logged it, else the training loss")
+    p.add_argument("--last", type=int, default=5, help="loss metrics: mean over the last K logged rows")
+    p.add_argument("--step", type=int, default=None,
+                   help="compare the models at this training step (default: the last step every run reached)")
+    p.add_argument("--wandb", action="store_true", help="also log the figures and table to W&B")
+    p.add_argument("--project", default="dit", help="W&B project")
+    p.add_argument("--group", default=None, help="W&B group (e.g. the sweep's logger.group)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.last < 1:
+        raise SystemExit("--last must be at least 1")
+    result = collect(args.paths, args.out, metric=args.metric, last=args.last, max_step=args.step,
+                     wandb=args.wandb, project=args.project, group=args.group)
+    print(result["table"])
+    print(f"wrote {', '.join(p.name for p in result['images'].values())}, scaling.md, scaling.json "
+          f"to {result['out_dir']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Scaling studies: the collector (evaluation/scaling.py) on run folders written here, its figures and table,
+the compute accounting, and the sweep configs under conf/experiment/scaling-*.yaml."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT, compose_config, run_script
+from evaluation import scaling
+
+
+def write_run(folder, model, gflops, batch, steps, values, metric="loss"):
+    """A run folder as train.py leaves it: config.yaml and one metrics.jsonl row per logged step."""
+    folder.mkdir(parents=True)
+    config = {"model": {"name": model, "kwargs": {}}, "train": {"batch_size": batch}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"step": int(s), metric: float(v), "gflops": gflops, "train_compute_gflops": gflops * 3 * batch * int(s)}
+            for s, v in zip(steps, values)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# Synthetic sweep: final loss = 0.5 * Gflops^-0.3 exactly, reached after a decay over the run.
+EXPONENT, COEF = -0.3, 0.5
+SIZES = {"DiT-S/8": 0.36, "DiT-S/4": 1.41, "DiT-S/2": 6.06, "DiT-B/2": 23.01, "DiT-XL/2": 118.6}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    steps = np.arange(10, 110, 10)
+    for model, gflops in SIZES.items():
+        final = COEF * gflops ** EXPONENT
+        values = final * (1 + 2.0 * np.exp(-steps / 15.0))
+        values[-5:] = final  # the last five rows (what --last 5 averages) sit at the final value
+        write_run(tmp_path / "sweep" / model.replace("/", "-"), model, gflops, 32, steps, values)
+    return tmp_path / "sweep"
+
+
+def test_fit_power_law_recovers_exponent_and_coefficient():
+    x = np.geomspace(0.1, 100, 7)
+    a, b, r2 = scaling.fit_power_law(x, 3.0 * x ** -0.42)
+    assert b == pytest.approx(-0.42, abs=1e-12) and a == pytest.approx(3.0, rel=1e-12) and r2 == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    a, b, r2 = scaling.fit_power_law(x, 3.0 * x ** -0.42 * np.exp(rng.normal(0, 0.05, len(x))))
+    assert b == pytest.approx(-0.42, abs=0.05) and 0.9 < r2 < 1.0
+    assert all(math.isnan(v) for v in scaling.fit_power_law([1.0], [2.0]))  # one point: no fit
+
+
+def test_train_compute_is_gflops_times_three_times_batch_times_steps():
+    assert scaling.train_compute(118.6, 256, 400_000) == pytest.approx(118.6 * 3 * 256 * 400_000)
+    # DiT-XL/2's 400K-step run in the paper is ~3.6e10 Gflops of training compute (Fig. 9's right end).
+    assert scaling.train_compute(118.6, 256, 400_000) == pytest.approx(3.64e10, rel=0.01)
+
+
+def test_collector_on_synthetic_sweep(sweep, capsys):
+    result = scaling.main([str(sweep)])
+    out = sweep / "scaling"
+    assert result["out_dir"] == out and result["metric"] == "loss"
+    for name in ("metric_vs_steps", "metric_vs_gflops", "metric_vs_compute", "scaling"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, png
+    fit = result["fits"]["gflops"]
+    assert fit["b"] == pytest.approx(EXPONENT, abs=1e-9) and fit["a"] == pytest.approx(COEF, rel=1e-9)
+    assert fit["r2"] == pytest.approx(1.0)
+    # Same batch and steps for every run: compute is proportional to Gflops, so the same exponent.
+    assert result["fits"]["train_compute_gflops"]["b"] == pytest.approx(EXPONENT, abs=1e-9)
+
+    table = (out / "scaling.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| DiT")]
+    assert [line.split(" | ")[0][2:] for line in lines] == list(SIZES)  # one row per run, by Gflops
+    first = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert first[:5] == ["DiT-S/8", "–", "0.36", "100", "32"]  # no checkpoint: params unknown
+    assert float(first[5]) == pytest.approx(0.36 * 3 * 32 * 100, rel=1e-3)
+    assert float(first[6]) == pytest.approx(COEF * 0.36 ** EXPONENT, abs=1e-4)
+    assert "x^-0.3000" in table and "training loss (mean of last 5 logged rows)" in table
+    assert table in capsys.readouterr().out
+    saved = json.loads((out / "scaling.json").read_text())
+    assert [r["model"] for r in saved["records"]] == list(SIZES)
+
+
+def test_collector_prefers_fid_and_recomputes_missing_compute(tmp_path):
+    # FID rows (as train.py logs them) in every run: FID is the metric; no train_compute_gflops logged: the
+    # collector computes it from config.yaml's batch size and the logged Gflops.
+    for model, gflops, fid in (("DiT-S/2", 6.06, 68.4), ("DiT-B/2", 23.01, 43.5), ("DiT-L/2", 80.7, 23.3)):
+        folder = tmp_path / "runs" / model.replace("/", "-")
+        write_run(folder, model, gflops, 256, [100, 200], [1.0, 0.9])
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        rows = [{k: v for k, v in r.items() if k != "train_compute_gflops"} for r in rows]
+        rows.append({"step": 200, "fid": fid, "fid_samples": 5000})
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3')  # torn line
+    result = scaling.collect([tmp_path / "runs"], out_dir=tmp_path / "plots")
+    assert result["metric"] == "fid" and result["label"] == "FID"
+    assert [r["value"] for r in result["records"]] == [68.4, 43.5, 23.3]
+    assert result["records"][0]["train_compute_gflops"] == pytest.approx(6.06 * 3 * 256 * 200)
+    assert result["fits"]["gflops"]["b"] < 0
+    assert (tmp_path / "plots" / "metric_vs_gflops.png").stat().st_size > 0
+    # The loss instead, at a chosen step; and by default at the last step every run reached.
+    loss = scaling.collect([tmp_path / "runs"], out_dir=tmp_path / "loss", metric="loss", last=1, max_step=100)
+    assert [r["steps"] for r in loss["records"]] == [100, 100, 100]
+    assert [r["value"] for r in loss["records"]] == [1.0, 1.0, 1.0]
+    with open(tmp_path / "runs" / "DiT-L-2" / "metrics.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"step": 300, "loss": 0.5, "gflops": 80.7}) + "\n")
+    loss = scaling.collect([tmp_path / "runs"], out_dir=tmp_path / "loss", metric="loss", last=2)
+    assert loss["step"] == 200 and [r["steps"] for r in loss["records"]] == [200, 200, 200]
+    assert [r["value"] for r in loss["records"]] == [pytest.approx(0.95)] * 3
+
+
+def test_sweep_configs_compose():
+    for name, n_models in (("scaling-digits", 5), ("scaling-dit", 12), ("scaling-dit-unet", 8)):
+        cfg = compose_config(overrides=[f"experiment={name}"])
+        assert cfg.logger.group == name
+        sweep = yaml.safe_load((ROOT / "conf" / "experiment" / f"{name}.yaml").read_text())["hydra"]["sweeper"]
+        models = sweep["params"]["model"].split(",")
+        assert len(models) == n_models and all((ROOT / "conf" / "model" / f"{m}.yaml").exists() for m in models)
+    cfg = compose_config(overrides=["experiment=scaling-dit"])  # the paper's ImageNet 256 recipe, no guidance
+    assert cfg.vae.name == "sd-vae-ft-ema" and cfg.train.batch_size == 256 and cfg.optim.lr == 1e-4
+    assert cfg.sample.cfg_scale == 1.0 and cfg.fid.every == 50000
+
+
+def test_sweep_launches_every_model_with_group_and_tags(tmp_path):
+    """`python train.py -m experiment=...` alone expands the file's model list (dry runs: nothing trains)."""
+    result = run_script([str(ROOT / "train.py"), "-m", "experiment=scaling-dit-unet", "dry_run=true"], cwd=tmp_path)
+    run_dirs = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("run_dir: ")]
+    assert run_dirs == [f"runs/scaling-dit-unet/{m}" for m in ("DiT-S-2", "DiT-B-2", "DiT-L-2", "DiT-XL-2",
+                                                                 "UNet-S", "UNet-B", "UNet-L", "UNet-XL")]
+    assert result.stdout.count("group: scaling-dit-unet") == 8 and "  - UNet-L\n" in result.stdout
+
+
+@pytest.mark.slow
+def test_multirun_on_cpu_then_collector(tmp_path):
+    overrides = ["logger=none", "device=cpu", "train.steps=2", "train.batch_size=16", "train.log_every=1",
+                 "sample.steps=2", "sample.per_class=1"]
+    run_script([str(ROOT / "train.py"), "-m", "experiment=scaling-digits", "model=DiT-T-8,DiT-T-4", *overrides],
+               cwd=tmp_path)
+    sweep = tmp_path / "runs" / "scaling-digits"
+    runs = sorted(p for p in sweep.iterdir() if (p / "metrics.jsonl").exists())
+    assert [p.name.split("_")[0] for p in runs] == ["DiT-T-4", "DiT-T-8"]
+    for run in runs:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["logger"]["group"] == "scaling-digits"
+        assert config["logger"]["tags"][-1] == run.name.split("_")[0]
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        for r in rows:  # the compute accounting train.py logs: Gflops x 3 x batch x steps
+            assert r["train_compute_gflops"] == pytest.approx(r["gflops"] * 3 * 16 * r["step"], rel=1e-12)
+
+    result = run_script(["-m", "evaluation.scaling", str(sweep), "--last", "1"], cwd=ROOT)
+    assert "| DiT-T/8 |" in result.stdout and "| DiT-T/4 |" in result.stdout
+    summary = json.loads((sweep / "scaling" / "scaling.json").read_text())
+    records = {r["model"]: r for r in summary["records"]}
+    assert records["DiT-T/8"]["gflops"] < records["DiT-T/4"]["gflops"]
+    for r in records.values():
+        assert r["steps"] == 2 and r["batch_size"] == 16
+        assert r["train_compute_gflops"] == pytest.approx(r["gflops"] * 3 * 16 * 2)
+        assert r["params"] > 4e6  # counted from the checkpoint
+    assert (sweep / "scaling" / "scaling.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_collector_logs_to_wandb_offline(sweep, tmp_path):
+    run_script(["-m", "evaluation.scaling", str(sweep), "--out", str(tmp_path / "out"), "--wandb"], cwd=ROOT)
+    runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    media = {p.name.split("_")[0] for p in (runs[0] / "files" / "media").rglob("*") if p.is_file()}
+    assert {"metric", "scaling"} <= media  # the figures and the table
