@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -17,8 +19,13 @@ TINY = ["logger=none", "device=cpu", "train.steps=4", "train.batch_size=16", "tr
 
 
 def compose_config(name="train", overrides=()):
+    """The real config, composed as a Hydra run would see it: `${hydra:...}` interpolations resolve."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
+        cfg = compose(config_name=name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
 
 
 def run_script(args, cwd=ROOT, timeout=300, check=True, env=None):
