@@ -99,11 +99,8 @@ def default_out(ckpt_arg, cfg):
 
 
 def run(cfg):
-    dist = setup_distributed(cfg.device)
+    dist = setup_distributed(cfg.device, tf32=cfg.tf32)
     device = dist.device
-    if device.type == "cuda" and cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     ckpt_path = resolve_checkpoint(cfg.ckpt)
     model, info = load_sampling_model(ckpt_path, cfg.use_ema)
     model = model.to(device).eval()

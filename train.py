@@ -232,11 +232,8 @@ def train(cfg):
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return None
-    dist = setup_distributed(cfg.device)
+    dist = setup_distributed(cfg.device, tf32=cfg.tf32)
     device = dist.device
-    if device.type == "cuda" and cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if dist.is_main:

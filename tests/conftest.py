@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
@@ -41,3 +42,20 @@ def run_script(args, cwd=ROOT, timeout=300, check=True, env=None):
 @pytest.fixture
 def tiny():
     return list(TINY)
+
+
+def final_state(run_dir):
+    """The newest checkpoint of a run folder."""
+    from utils.checkpoint import latest_checkpoint, load_checkpoint
+    return load_checkpoint(latest_checkpoint(Path(run_dir) / "checkpoints"))
+
+
+def assert_same_state(a, b):
+    """Two checkpoints hold bit-identical weights, EMA and optimizer state."""
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for i, state in a["opt"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["opt"]["state"][i][name]), f"opt state {i}.{name} differs"

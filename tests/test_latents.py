@@ -15,7 +15,7 @@ from PIL import Image
 import extract_latents
 import sample as sample_script
 import train as train_script
-from conftest import TINY, compose_config, run_script
+from conftest import TINY, assert_same_state, compose_config, final_state, run_script
 from data import ImageFolderDataset, LatentCacheDataset, build_dataset, center_crop_arr, check_cache, read_manifest
 from data.latents import shard_path, write_manifest
 from models import DiT, VAE, build_vae
@@ -80,18 +80,8 @@ def without(overrides, *keys):
     return [o for o in overrides if not any(o.split("=")[0] == k or o.startswith(k + ".") for k in keys)]
 
 
-def assert_same_state(a, b):
-    assert a["step"] == b["step"]
-    for key in ("model", "ema"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
-    for i, state in a["opt"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(value, b["opt"]["state"][i][name]), f"opt state {i}.{name} differs"
 
 
-def final_state(run_dir):
-    return load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
 
 
 # ------------------------------------------------------------------------------------------------------------

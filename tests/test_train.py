@@ -18,7 +18,7 @@ from PIL import Image
 
 import sample as sample_script
 import train as train_script
-from conftest import CONF, ROOT, TINY, compose_config, run_script
+from conftest import CONF, ROOT, TINY, assert_same_state, compose_config, final_state, run_script
 from models import MODELS
 from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_model_weights
 
@@ -141,19 +141,8 @@ def test_finished_run_extends_when_steps_are_raised(tmp_path):
 # Exact resume
 # ------------------------------------------------------------------------------------------------------------
 
-def _final_state(run_dir):
-    ckpt = load_checkpoint(latest_checkpoint(Path(run_dir) / "checkpoints"))
-    return ckpt
 
 
-def _assert_same_state(a, b):
-    assert a["step"] == b["step"]
-    for key in ("model", "ema"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
-    for i, state in a["opt"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(value, b["opt"]["state"][i][name]), f"opt state {i}.{name} differs"
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
@@ -176,7 +165,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     # A leftover temporary file from a write cut short must be ignored.
     (run_dir / "checkpoints" / ".0000099.pt.tmp123").write_bytes(b"partial")
     run_script(cmd[1:])
-    _assert_same_state(_final_state(tmp_path / "ref"), _final_state(run_dir))
+    assert_same_state(final_state(tmp_path / "ref"), final_state(run_dir))
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13)), "metrics.jsonl must have each step exactly once after the resume"
 
@@ -191,7 +180,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "train.py",
                 *overrides, f"run_dir={tmp_path}/ddp"], env={"OMP_NUM_THREADS": "1"})
     train_script.train(compose_config(overrides=[*overrides, f"run_dir={tmp_path}/single"]))
-    ddp, single = _final_state(tmp_path / "ddp"), _final_state(tmp_path / "single")
+    ddp, single = final_state(tmp_path / "ddp"), final_state(tmp_path / "single")
     for name in single["model"]:
         torch.testing.assert_close(ddp["model"][name], single["model"][name], rtol=1e-5, atol=1e-6)
     assert ddp["config"]["train"]["batch_size"] == 16

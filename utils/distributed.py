@@ -30,9 +30,13 @@ def pick_device(setting):
     return setting
 
 
-def setup_distributed(device_setting="auto"):
-    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); else a 1-process world."""
+def setup_distributed(device_setting="auto", tf32=True):
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU); else a 1-process world.
+    tf32: allow TF32 matrix products on Ampere and newer GPUs."""
     kind = pick_device(device_setting)
+    if kind == "cuda" and tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
         return DistInfo(0, 1, 0, torch.device(kind))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
