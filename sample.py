@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from diffusion.sampling import sample
 from models import VAE, DiT, build_vae, create_model
+from models.dit import DIT_SIZES, EXTRA_SIZES
 from utils.checkpoint import load_checkpoint, resolve_checkpoint
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.images import save_grid, to_uint8
@@ -33,14 +34,21 @@ OFFICIAL_VAE = Path(__file__).resolve().parent / "conf" / "vae" / "sd-vae-ft-ema
 
 
 def official_model_args(state_dict):
-    """Rebuild the constructor arguments of an official DiT checkpoint (a bare state_dict) from its shapes."""
+    """Rebuild the constructor arguments of an official DiT checkpoint (a bare state_dict) from its shapes.
+
+    The number of heads leaves no trace in the shapes, so the size is looked up in the size table by its
+    depth and width (a wrong head count would load with strict=True and silently compute something else).
+    """
     patch_weight = state_dict["x_embedder.proj.weight"]               # (D, C, p, p)
     hidden, in_channels, patch = patch_weight.shape[0], patch_weight.shape[1], patch_weight.shape[-1]
     grid = math.isqrt(state_dict["pos_embed"].shape[1])
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // patch ** 2
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-    return dict(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
-                num_heads=16 if hidden >= 1024 else hidden // 64,
+    sizes = {(v["depth"], v["hidden_size"]): v for v in {**DIT_SIZES, **EXTRA_SIZES}.values()}
+    if (depth, hidden) not in sizes:
+        raise ValueError(f"the checkpoint's DiT has depth {depth} and width {hidden}, which is no size in "
+                         f"models/dit.py ({', '.join(f'{d}x{w}' for d, w in sizes)}); add it to the size table")
+    return dict(input_size=grid * patch, patch_size=patch, in_channels=in_channels, **sizes[(depth, hidden)],
                 num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
                 learn_sigma=out_channels == 2 * in_channels)
 

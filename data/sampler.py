@@ -21,8 +21,11 @@ class StepSampler(Sampler):
         self._perms = {}
 
     def _permutation(self, epoch):
+        """The order of epoch `epoch`; the last two are kept, as a batch can straddle an epoch boundary."""
         if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))}
+            generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = torch.randperm(self.n, generator=generator)
         return self._perms[epoch]
 
     def indices(self, step):
@@ -30,7 +33,11 @@ class StepSampler(Sampler):
         start = step * self.B + self.rank * self.b
         positions = torch.arange(start, start + self.b)
         epochs, offsets = positions // self.n, positions % self.n
-        return torch.stack([self._permutation(int(e))[int(o)] for e, o in zip(epochs, offsets)])
+        out = torch.empty(self.b, dtype=torch.long)
+        for epoch in epochs.unique().tolist():  # at most a few epochs per batch
+            mask = epochs == epoch
+            out[mask] = self._permutation(epoch)[offsets[mask]]
+        return out
 
     def __iter__(self):
         step = self.start_step

@@ -18,7 +18,7 @@ import train as train_script
 from conftest import TINY, assert_same_state, compose_config, final_state, run_script
 from data import ImageFolderDataset, LatentCacheDataset, build_dataset, center_crop_arr, check_cache, read_manifest
 from data.latents import shard_path, write_manifest
-from models import DiT, VAE, build_vae
+from models import DiT_models, VAE, build_vae
 from utils.checkpoint import latest_checkpoint, load_checkpoint
 
 IMAGE_SIZE, LATENT_SIZE, SCALING = 16, 8, 0.5   # the tiny VAE halves once; its config's scaling factor is 0.5
@@ -285,8 +285,8 @@ def test_training_from_the_cache_matches_encoding_on_the_fly(files, tmp_path):
 
 def test_sampling_an_official_latent_checkpoint_with_a_vae_override(files, tmp_path):
     torch.manual_seed(0)
-    model = DiT(input_size=LATENT_SIZE, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=1,
-                num_classes=3)
+    # Official checkpoints come in the size table's shapes (sample.py looks the head count up there).
+    model = DiT_models["DiT-Mini/2"](input_size=LATENT_SIZE, in_channels=4, num_classes=3)
     torch.save(model.state_dict(), tmp_path / "official.pt")              # the official format: a bare state_dict
     base = [f"ckpt={tmp_path / 'official.pt'}", "num_samples=2", "steps=2", f"out={tmp_path}/s", "device=cpu"]
     out = sample_script.run(compose_config("sample", [*base, "vae=local", f"vae.path={files['vae']}"]))

@@ -302,3 +302,30 @@ def test_fid_without_reference_is_refused(tmp_path):
     cfg = compose_config(overrides=[*TINY, f"run_dir={tmp_path}", "fid.every=2"])
     with pytest.raises(ValueError, match="needs fid.reference"):
         train_script.train(cfg)
+
+
+def test_official_style_checkpoint_loads_with_its_heads(tmp_path):
+    """A bare state_dict (the official DiT-XL-2-256x256.pt format) is rebuilt with the right number of heads:
+    heads leave no trace in the shapes, so a wrong count would load and silently compute something else."""
+    from models import create_model
+    torch.manual_seed(0)
+    model = create_model("DiT-Mini/2", input_size=8, in_channels=4, num_classes=10)  # 4 heads of width 32
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    torch.save(model.state_dict(), tmp_path / "official.pt")
+    loaded, info = sample_script.load_sampling_model(tmp_path / "official.pt")
+    assert info["model_args"]["num_heads"] == 4 and info["model_args"]["num_classes"] == 10
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
+
+
+def test_step_sampler_is_a_permutation_per_epoch_across_batches_and_ranks():
+    from data import StepSampler
+    n, B = 10, 4  # batches straddle epoch boundaries
+    ranks = [StepSampler(n, B, rank=r, world_size=2, seed=3) for r in range(2)]
+    stream = torch.cat([torch.cat([s.indices(step) for s in ranks]) for step in range(5)])  # 20 = 2 epochs
+    for epoch in range(2):
+        assert sorted(stream[epoch * n:(epoch + 1) * n].tolist()) == list(range(n))
+    one = StepSampler(n, B, seed=3)
+    assert torch.equal(torch.cat([one.indices(s) for s in range(5)]), stream)  # same global order, any world size
