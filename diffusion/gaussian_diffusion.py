@@ -19,12 +19,6 @@ VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
 LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
 
 
-def _extract(arr, t, shape):
-    """arr[t] for a float64 table and (N,) indices, as float32 broadcastable to `shape` (N, ...)."""
-    out = torch.as_tensor(arr, device=t.device)[t].float()
-    return out.view(-1, *([1] * (len(shape) - 1))).expand(shape)
-
-
 class GaussianDiffusion:
     """A discrete-time Gaussian diffusion with T = len(betas) steps, indexed t = 0 .. T-1.
 
@@ -52,6 +46,7 @@ class GaussianDiffusion:
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])         # alpha_bar_{t-1}
         self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
@@ -75,6 +70,22 @@ class GaussianDiffusion:
             "fixed_large": (large, np.log(large)),
             "fixed_small": (self.posterior_variance, self.posterior_log_variance_clipped),
         }
+        self._device_tables = {}  # (id(table), device) -> (table, tensor): each table crosses to a device once
+
+    def _extract(self, arr, t, shape):
+        """arr[t] for one of this process's float64 tables and (N,) indices, as float32 broadcastable to `shape`.
+
+        The table is copied to t's device on first use only: a host-to-device copy on every lookup (about ten
+        per training or sampling step) would block the host until the GPU queue drains.
+        """
+        out = self._on_device(arr, t.device)[t].float()
+        return out.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+
+    def _on_device(self, arr, device, dtype=None):
+        key = (id(arr), device, dtype)
+        if key not in self._device_tables:  # the entry keeps `arr` alive, so its id cannot be reused
+            self._device_tables[key] = (arr, torch.as_tensor(arr, device=device, dtype=dtype))
+        return self._device_tables[key][1]
 
     # ----------------------------------------------------------------------------------------------------
     # Forward process
@@ -82,9 +93,9 @@ class GaussianDiffusion:
 
     def q_mean_variance(self, x_start, t):
         """q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) (DDPM eq. 4): (mean, variance, log_variance)."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = _extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+        variance = self._extract(self.one_minus_alphas_cumprod, t, x_start.shape)
+        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None):
@@ -92,16 +103,16 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x_start)
         assert noise.shape == x_start.shape
-        return (_extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+        return (self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7): (mean, variance, clipped log-variance)."""
         assert x_start.shape == x_t.shape
-        mean = (_extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-                + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
-        variance = _extract(self.posterior_variance, t, x_t.shape)
-        log_variance = _extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        mean = (self._extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
+                + self._extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        variance = self._extract(self.posterior_variance, t, x_t.shape)
+        log_variance = self._extract(self.posterior_log_variance_clipped, t, x_t.shape)
         return mean, variance, log_variance
 
     # ----------------------------------------------------------------------------------------------------
@@ -110,18 +121,17 @@ class GaussianDiffusion:
 
     def _run_model(self, model, x, t, model_kwargs):
         """Call the model with the original (un-respaced) timestep indices."""
-        map_tensor = torch.as_tensor(self.timestep_map, device=t.device, dtype=t.dtype)
-        return model(x, map_tensor[t], **(model_kwargs or {}))
+        return model(x, self._on_device(self.timestep_map, t.device, t.dtype)[t], **(model_kwargs or {}))
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         # Invert q_sample: x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar).
         assert x_t.shape == eps.shape
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
-                / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
+                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
 
     def p_mean_variance_from_output(self, model_output, x, t, clip_denoised=True, denoised_fn=None):
         """p(x_{t-1} | x_t) from a model output already computed: mean, variance, log_variance, pred_xstart."""
@@ -131,15 +141,15 @@ class GaussianDiffusion:
                 f"a learned-variance model must output {2 * C} channels, got {tuple(model_output.shape)}")
             model_output, v = torch.split(model_output, C, dim=1)
             # improved DDPM eq. 15: log sigma^2 = frac log beta_t + (1 - frac) log beta_tilde_t, v in [-1, 1].
-            min_log = _extract(self.posterior_log_variance_clipped, t, x.shape)
-            max_log = _extract(self.log_betas, t, x.shape)
+            min_log = self._extract(self.posterior_log_variance_clipped, t, x.shape)
+            max_log = self._extract(self.log_betas, t, x.shape)
             frac = (v + 1) / 2
             model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
         else:
             variance, log_variance = self._fixed_variance[self.model_var_type]
-            model_variance = _extract(variance, t, x.shape)
-            model_log_variance = _extract(log_variance, t, x.shape)
+            model_variance = self._extract(variance, t, x.shape)
+            model_log_variance = self._extract(log_variance, t, x.shape)
 
         def process_xstart(x0):
             if denoised_fn is not None:
@@ -173,8 +183,8 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         # Re-derive eps from the (possibly clipped) x_0 prediction, whatever the model predicts.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
+        alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x.shape)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
         sample = mean_pred

@@ -418,3 +418,17 @@ def test_rescaled_losses():
     assert torch.allclose(kl["loss"], hybrid["vb"] * 25)
     assert torch.allclose(rescaled["vb"], hybrid["vb"] * 25 / 1000)
     assert torch.equal(rescaled["mse"], hybrid["mse"])
+
+
+def test_table_lookups_copy_each_table_to_a_device_once():
+    diffusion = create_diffusion("")
+    x0, noise = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
+    t = torch.tensor([0, 10, 500, 999])
+    first = diffusion.q_sample(x0, t, noise)
+    cached = len(diffusion._device_tables)
+    assert cached == 2                                    # sqrt(alpha_bar), sqrt(1 - alpha_bar)
+    again = diffusion.q_sample(x0, t, noise)
+    assert len(diffusion._device_tables) == cached and torch.equal(first, again)
+    abar = torch.from_numpy(diffusion.alphas_cumprod)[t].view(-1, 1, 1, 1)
+    expected = (abar.sqrt() * x0.double() + (1 - abar).sqrt() * noise.double()).float()
+    torch.testing.assert_close(first, expected, rtol=1e-6, atol=1e-6)
