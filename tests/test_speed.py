@@ -154,3 +154,22 @@ def test_checkpointing_option_trains(tmp_path):
     b = load_checkpoint(latest_checkpoint(tmp_path / "ckpt" / "checkpoints"))["model"]
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_sampler_benchmark_times_and_judges_every_sampler(tmp_path):
+    import json
+
+    from conftest import TINY, run_script
+
+    run_script(["train.py", *TINY, f"run_dir={tmp_path}/run"])
+    out = run_script(["benchmarks/samplers.py", "--run", f"{tmp_path}/run", "--num-samples", "20", "--batch-size",
+                      "10", "--samplers", "ddim:4", "dpm-solver++:3", "--out", f"{tmp_path}/bench"]).stdout
+    rows = json.loads((tmp_path / "bench" / "samplers.json").read_text())["results"]
+    assert [(r["sampler"], r["steps"], r["samples"]) for r in rows] == [("ddim", 4, 20), ("dpm-solver++", 3, 20)]
+    assert all(r["samples_per_s"] > 0 and 0 <= r["class_match"] <= 1 for r in rows)
+    assert "real held-out digits" in out
+    assert (tmp_path / "bench" / "samplers.png").stat().st_size > 0
+    assert (tmp_path / "bench" / "dpm-solver++3.png").stat().st_size > 0
+    bad = run_script(["benchmarks/samplers.py", "--run", f"{tmp_path}/run", "--samplers", "ddim"], check=False)
+    assert bad.returncode != 0 and "NAME:STEPS" in bad.stderr
