@@ -133,6 +133,9 @@ def main():
     if args.grad_checkpoint:
         checkpoint_activations(model)
     if args.compile:
+        if device.type == "cpu":  # inductor's pool of compile workers competes with the timed steps for the cores
+            from torch._inductor import config as inductor_config
+            inductor_config.compile_threads = 1
         compile_blocks(model)
     rows = []
     ours = make_step(model, diffusion, x, y, precision, device, fused=device.type == "cuda")
