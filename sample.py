@@ -153,9 +153,16 @@ def run(cfg):
     np.savez(shard_dir / f"rank{dist.rank:05d}.npz", arr_0=arr, arr_1=lab)
     barrier()
     if dist.is_main:
-        shards = [np.load(shard_dir / f"rank{r:05d}.npz") for r in range(dist.world_size)]
-        arr = np.concatenate([s["arr_0"] for s in shards])
-        lab = np.concatenate([s["arr_1"] for s in shards])
+        # One array filled shard by shard: peak memory is the samples plus one shard, not twice the samples.
+        arr = np.empty((cfg.num_samples, image_size, image_size, image_channels), np.uint8)
+        lab = np.empty((cfg.num_samples,), np.int64)
+        start = 0
+        for r in range(dist.world_size):
+            with np.load(shard_dir / f"rank{r:05d}.npz") as shard:
+                n = len(shard["arr_1"])
+                arr[start:start + n], lab[start:start + n] = shard["arr_0"], shard["arr_1"]
+            start += n
+        assert start == cfg.num_samples, f"the shards hold {start} samples, expected {cfg.num_samples}"
         np.savez(out / "samples.npz", arr_0=arr, arr_1=lab)
         for r in range(dist.world_size):
             (shard_dir / f"rank{r:05d}.npz").unlink()

@@ -128,6 +128,20 @@ def test_sample_noise_does_not_depend_on_batch_size(trained_run, tmp_path):
     np.testing.assert_array_equal(arrays[0], arrays[1])
 
 
+@pytest.mark.slow
+def test_sampling_under_torchrun_equals_one_process(trained_run, tmp_path):
+    """Two ranks draw contiguous blocks of the same per-sample noise; rank 0 merges them in order."""
+    common = [f"ckpt={trained_run}", "num_samples=7", "batch_size=3", "steps=3", "sampler=ddim", "device=cpu"]
+    run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29539", "sample.py", *common,
+                f"out={tmp_path}/two"], env={"OMP_NUM_THREADS": "1"})
+    one = np.load(sample_script.run(compose_config("sample", [*common, f"out={tmp_path}/one"])) / "samples.npz")
+    two = np.load(tmp_path / "two" / "samples.npz")
+    np.testing.assert_array_equal(two["arr_1"], one["arr_1"])
+    np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
+    assert json.loads((tmp_path / "two" / "samples.json").read_text())["world_size"] == 2
+    assert not (tmp_path / "two" / "shards").exists()
+
+
 def test_finished_run_extends_when_steps_are_raised(tmp_path):
     overrides = [*TINY, f"run_dir={tmp_path}"]
     train_script.train(compose_config(overrides=overrides))
