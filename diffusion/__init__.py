@@ -29,6 +29,9 @@ def create_diffusion(
     if timestep_respacing is None or timestep_respacing == "":
         timestep_respacing = [diffusion_steps]
     kept = sorted(space_timesteps(diffusion_steps, timestep_respacing))
+    if kept == [0] and diffusion_steps > 1:
+        raise ValueError(f"timestep_respacing={timestep_respacing!r} keeps only t=0 of {diffusion_steps} steps (evenly "
+                         f"spaced steps start at 0), so sampling would return the noise; use 2 steps or more")
     # Respaced betas keep alpha_bar at the kept steps: beta_i = 1 - alpha_bar_{k_i} / alpha_bar_{k_{i-1}}.
     # The full process goes through this too, which is what the reference code does (so numbers agree).
     alphas_cumprod = np.cumprod(1.0 - betas)[kept]

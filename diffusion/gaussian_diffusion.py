@@ -54,18 +54,18 @@ class GaussianDiffusion:
 
         # Posterior q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7): variance beta_tilde_t and the two mean coefficients.
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # beta_tilde_0 = 0, so its log is clipped to beta_tilde_1.
-        self.posterior_log_variance_clipped = (
-            np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
-            if self.num_timesteps > 1 else np.array([])
-        )
+        # beta_tilde_0 = 0, so its log is clipped to beta_tilde_1. A one-step process has no beta_tilde_1:
+        # beta_0 stands in (only the likelihood terms read it; the last sampling step adds no noise).
+        clipped = (np.append(self.posterior_variance[1], self.posterior_variance[1:]) if self.num_timesteps > 1
+                   else betas.copy())
+        self.posterior_log_variance_clipped = np.log(clipped)
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
         # Fixed variances (DDPM Sec. 3.2): sigma^2 = beta_tilde ("small") or beta ("large", with beta_tilde_1 at
         # t = 0 for a better decoder likelihood); improved DDPM interpolates between their logs.
         self.log_betas = np.log(betas)
-        large = np.append(self.posterior_variance[1], betas[1:])
+        large = np.append(clipped[0], betas[1:])
         self._fixed_variance = {
             "fixed_large": (large, np.log(large)),
             "fixed_small": (self.posterior_variance, self.posterior_log_variance_clipped),

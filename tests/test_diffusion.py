@@ -432,3 +432,17 @@ def test_table_lookups_copy_each_table_to_a_device_once():
     abar = torch.from_numpy(diffusion.alphas_cumprod)[t].view(-1, 1, 1, 1)
     expected = (abar.sqrt() * x0.double() + (1 - abar).sqrt() * noise.double()).float()
     torch.testing.assert_close(first, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_one_step_process_builds_and_one_step_respacing_is_refused():
+    one = GaussianDiffusion(betas=[0.5])                   # a single-step process is well defined
+    x0, noise = torch.full((2, 1, 2, 2), 0.3), torch.randn(2, 1, 2, 2)
+    t = torch.zeros(2, dtype=torch.long)
+    x_t = one.q_sample(x0, t, noise)
+    eps_model = lambda x, t_, **_: torch.cat([noise, torch.zeros_like(noise)], dim=1)  # exact eps, mid variance
+    out = one.p_mean_variance(eps_model, x_t, t, clip_denoised=False)
+    torch.testing.assert_close(out["pred_xstart"], x0)
+    assert torch.isfinite(one.training_losses(eps_model, x0, t, noise=noise)["loss"]).all()
+    for spec in ("1", 1):
+        with pytest.raises(ValueError, match="keeps only t=0"):
+            create_diffusion(spec)
