@@ -333,7 +333,9 @@ PATCH_SIZES = (2, 4, 8)
 
 def _constructor(size, patch_size):
     def build(**kwargs):
-        return DiT(patch_size=patch_size, **{**DIT_SIZES, **EXTRA_SIZES}[size], **kwargs)
+        # Keyword arguments win over the size table, so a named size is a starting point for custom ones
+        # (`+model.kwargs.depth=6 +model.kwargs.hidden_size=512`); checkpoints record what was built.
+        return DiT(**{"patch_size": patch_size, **{**DIT_SIZES, **EXTRA_SIZES}[size], **kwargs})
     build.__name__ = f"DiT_{size}_{patch_size}"
     build.__doc__ = f"DiT-{size}/{patch_size}, patch size {patch_size}."
     return build

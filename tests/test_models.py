@@ -141,6 +141,13 @@ def test_block_design_gflops_match_paper(block_type):
     assert stats("DiT-XL/2", block_type)["gflops"] == pytest.approx(PAPER_BLOCK_GFLOPS[block_type], rel=0.01)
 
 
+def test_named_size_takes_custom_depth_width_heads():
+    model = DiT_models["DiT-S/2"](input_size=8, num_classes=10, depth=3, hidden_size=96, num_heads=2)
+    assert len(model.blocks) == 3 and model.x_embedder.proj.out_channels == 96
+    assert model.blocks[0].attn.num_heads == 2
+    assert model.x_embedder.patch_size == (2, 2)                   # what was not overridden comes from the name
+
+
 def test_gflops_scale_with_tokens():
     # Halving the patch size quadruples the tokens; compute grows at least 4x (attention grows faster).
     assert stats("DiT-B/2")["gflops"] > 4 * stats("DiT-B/4")["gflops"]
