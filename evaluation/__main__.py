@@ -1,6 +1,6 @@
 """Command line: FID (+ IS, precision/recall) of samples against a reference, and reference statistics.
 
-    python -m evaluation fid samples.npz --ref VIRTUAL_imagenet256_labeled.npz [--is] [--pr] [--out r.json]
+    python -m evaluation fid samples.npz --ref VIRTUAL_imagenet256_labeled.npz [--is] [--pr] [--sfid] [--out r.json]
     python -m evaluation ref --data digits --out refs/digits.npz
     python -m evaluation ref /path/to/images_or_samples.npz --out refs/mine.npz
 
@@ -40,13 +40,16 @@ def parse_args(argv=None):
     p.add_argument("--ref", required=True, help="reference statistics: ADM/our .npz, or a torch-fidelity .pt cache")
     p.add_argument("--is", dest="isc", action="store_true", help="also the Inception Score")
     p.add_argument("--pr", dest="prc", action="store_true", help="also precision/recall (k=3, Inception features)")
+    p.add_argument("--sfid", action="store_true",
+                   help="also sFID (spatial features of mixed_6/conv; the reference needs mu_s, sigma_s)")
     p.add_argument("--ref-images", nargs="+", default=None,
                    help="reference images for precision/recall (default: `features` or `arr_0` of the --ref npz)")
     p.add_argument("--isc-splits", type=int, default=10)
     p.add_argument("--out", default=None, help="result JSON (default: <first samples>_eval.json)")
     _common(p)
 
-    p = sub.add_parser("ref", help="reference statistics (npz: mu, sigma float64, n) of images or a dataset")
+    p = sub.add_parser("ref", help="reference statistics (npz: mu, sigma, mu_s, sigma_s float64, n) of images "
+                                   "or a dataset")
     p.add_argument("sources", nargs="*", help="samples .npz files or image folders")
     p.add_argument("--data", default=None, help="a dataset name for data.build_dataset (e.g. digits, imagefolder)")
     p.add_argument("--data-path", default=None, help="dataset root (data=imagefolder)")
@@ -79,7 +82,7 @@ def _stamp(argv):
 def run_fid(args, argv):
     sidecar = next((s for s in map(read_sidecar, args.samples) if s), {})
     result = evaluate(
-        [open_source(s) for s in args.samples], args.ref, isc=args.isc, prc=args.prc,
+        [open_source(s) for s in args.samples], args.ref, isc=args.isc, prc=args.prc, sfid=args.sfid,
         ref_images=[open_source(s) for s in args.ref_images] if args.ref_images else None,
         num_samples=args.num_samples, inception_weights=args.inception_weights, device=args.device,
         batch_size=args.batch_size, isc_splits=args.isc_splits, download=not args.no_download,
@@ -92,6 +95,8 @@ def run_fid(args, argv):
     _write_json(path, out)
 
     print(f"FID        {result['fid']:.4f}  ({result['num_samples']:,} samples vs {os.path.basename(args.ref)})")
+    if args.sfid:
+        print(f"sFID       {result['sfid']:.4f}")
     if args.isc:
         print(f"IS         {result['inception_score_mean']:.3f} ± {result['inception_score_std']:.3f}")
     if args.prc:

@@ -10,23 +10,32 @@ import os
 import numpy as np
 import torch
 
-from .features import FID_LAYER, IS_LAYER, InceptionFeatures, file_sha256
+from .features import FID_LAYER, IS_LAYER, SFID_DIM, SFID_LAYER, InceptionFeatures, file_sha256
 from .fid import fid_from_stats
 from .inputs import ImageSource, open_source
 from .scores import inception_score, precision_recall
 from .stats import FeatureStats, load_reference, save_reference
 
 
-def compute_statistics(extractor, batches, total=None, keep=(), progress=True, desc="Inception features"):
+def compute_statistics(extractor, batches, total=None, keep=(), progress=True, desc="Inception features",
+                       spatial=None):
     """Run uint8 batches through `extractor` -> (FeatureStats of the pool features, {layer: (N, D) features}
-    for each layer in `keep`, on the extractor's device)."""
+    for each layer in `keep`, on the extractor's device). spatial: a FeatureStats that the sFID features are
+    added to (the extractor must compute SFID_LAYER)."""
     stats = FeatureStats(device=extractor.device)
     kept = {name: [] for name in keep}
     for features in extractor.iterate(batches, total=total, progress=progress, desc=desc):
         stats.update(features[FID_LAYER])
+        if spatial is not None:
+            spatial.update(features[SFID_LAYER])
         for name in keep:
             kept[name].append(features[name])
     return stats, {name: torch.cat(fs) for name, fs in kept.items()}
+
+
+def spatial_stats(extractor):
+    """An empty FeatureStats for the sFID features (7 x 17 x 17 = 2023 dimensions)."""
+    return FeatureStats(dim=SFID_DIM, device=extractor.device)
 
 
 class FIDScorer:
@@ -108,11 +117,11 @@ def _reference_features(extractor, reference_path, ref_images, batch_size, progr
     return kept[FID_LAYER]
 
 
-def evaluate(samples, reference, *, isc=False, prc=False, ref_images=None,
+def evaluate(samples, reference, *, isc=False, prc=False, sfid=False, ref_images=None,
              num_samples=None, inception_weights=None, device=None, batch_size=64, isc_splits=10,
              download=True, progress=True):
-    """FID (and, on request, Inception Score `isc` / precision-recall `prc`, torch-fidelity's names) of samples
-    against reference statistics.
+    """FID (and, on request, Inception Score `isc` / precision-recall `prc`, torch-fidelity's names, and sFID
+    `sfid`) of samples against reference statistics.
 
     samples: ImageSource(s) or path(s) of samples.npz files / image folders; several are merged (shards).
     reference: a statistics file (load_reference). num_samples: use the first N (error if fewer).
@@ -121,15 +130,21 @@ def evaluate(samples, reference, *, isc=False, prc=False, ref_images=None,
     sources = _as_sources(samples)
     reference_path = os.path.abspath(os.fspath(reference))
     ref = load_reference(reference_path)
-    layers = (FID_LAYER, IS_LAYER) if isc else (FID_LAYER,)
+    if sfid and "mu_s" not in ref:
+        raise ValueError(f"sFID needs the reference's spatial statistics (mu_s, sigma_s), which {reference_path} "
+                         f"lacks; use ADM's reference batch or rebuild it with `python -m evaluation ref ...`")
+    layers = (FID_LAYER,) + ((IS_LAYER,) if isc else ()) + ((SFID_LAYER,) if sfid else ())
     extractor = InceptionFeatures(inception_weights, device=device, batch_size=batch_size, layers=layers,
                                   download=download)
     total = num_samples if num_samples is not None else sum(len(s) for s in sources)
     keep = [name for name, wanted in ((FID_LAYER, prc), (IS_LAYER, isc)) if wanted]
+    spatial = spatial_stats(extractor) if sfid else None
     stats, kept = compute_statistics(extractor, _take(sources, num_samples, batch_size), total=total, keep=keep,
-                                     progress=progress, desc="sample features")
+                                     progress=progress, desc="sample features", spatial=spatial)
 
     result = {"fid": fid_from_stats(stats.reference(), ref)}
+    if sfid:
+        result["sfid"] = fid_from_stats(spatial.reference(), {"mu": ref["mu_s"], "sigma": ref["sigma_s"]})
     if isc:
         result["inception_score_mean"], result["inception_score_std"] = inception_score(kept[IS_LAYER], isc_splits)
     if prc:
@@ -150,16 +165,19 @@ def evaluate(samples, reference, *, isc=False, prc=False, ref_images=None,
 def build_reference(source, out, *, num_samples=None, save_features=False, inception_weights=None, device=None,
                     batch_size=64, download=True, progress=True):
     """Reference statistics of an image source (ImageSource, samples npz or folder) written to `out` (npz with
-    float64 `mu`, `sigma` and the count `n`; with save_features also the float32 pool features, which
-    precision/recall can use later). Returns {"path", "n", "sha256"}."""
+    float64 `mu`, `sigma`, the sFID statistics `mu_s`, `sigma_s` (ADM's keys) and the count `n`; with
+    save_features also the float32 pool features, which precision/recall can use later).
+    Returns {"path", "n", "sha256"}."""
     sources = _as_sources(source)
-    extractor = InceptionFeatures(inception_weights, device=device, batch_size=batch_size, layers=(FID_LAYER,),
-                                  download=download)
+    extractor = InceptionFeatures(inception_weights, device=device, batch_size=batch_size,
+                                  layers=(FID_LAYER, SFID_LAYER), download=download)
     total = num_samples if num_samples is not None else sum(len(s) for s in sources)
+    spatial = spatial_stats(extractor)
     stats, kept = compute_statistics(extractor, _take(sources, num_samples, batch_size), total=total,
                                      keep=(FID_LAYER,) if save_features else (), progress=progress,
-                                     desc="reference features")
-    extra = {"n": np.int64(stats.count)}
+                                     desc="reference features", spatial=spatial)
+    spatial_ref = spatial.reference()
+    extra = {"n": np.int64(stats.count), "mu_s": spatial_ref["mu"], "sigma_s": spatial_ref["sigma"]}
     if save_features:
         extra["features"] = kept[FID_LAYER].cpu().numpy().astype(np.float32)
     ref = stats.reference()

@@ -22,6 +22,11 @@ INCEPTION_URL = URL_INCEPTION_V3
 INCEPTION_FILENAME = os.path.basename(INCEPTION_URL)  # weights-inception-2015-12-05-6726825d.pth
 FID_LAYER = "2048"                          # pool_3 features: FID, precision/recall
 IS_LAYER = "logits_unbiased"                # fc without bias, as the original Inception Score code
+# sFID (Nash et al. 2021, 2103.03841): the first 7 channels of the 17x17 map of TF's `mixed_6/conv` (ADM's
+# evaluator), which is the 1x1 branch of the fourth 17x17 block, Mixed_6d.branch1x1 in torch-fidelity's port.
+SFID_LAYER = "mixed_6/conv"
+SFID_CHANNELS = 7
+SFID_DIM = SFID_CHANNELS * 17 * 17          # every input is resized to 299x299 first, so the map is 17x17
 
 
 class MissingInceptionWeights(FileNotFoundError):
@@ -143,7 +148,8 @@ def _full_float32(device):
 class InceptionFeatures:
     """torch-fidelity's Inception, loaded once; call it on uint8 (N, C, H, W) batches of any size and H, W.
 
-    layers: which outputs to return, from "2048" (FID, precision/recall) and "logits_unbiased" (IS).
+    layers: which outputs to return, from "2048" (FID, precision/recall), "logits_unbiased" (IS) and
+    "mixed_6/conv" (sFID: 7 x 17 x 17 = 2023 spatial features, flattened height, width, channel as in TF).
     Weights: `weights_path`, else torch's hub cache, else a download (see resolve_inception_weights).
     """
 
@@ -152,9 +158,21 @@ class InceptionFeatures:
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
         self.layers = tuple(layers)
+        provided = FeatureExtractorInceptionV3.get_provided_features_list()
+        unknown = [name for name in self.layers if name not in (*provided, SFID_LAYER)]
+        if unknown:
+            raise ValueError(f"unknown Inception layers {unknown}; choose from {', '.join((*provided, SFID_LAYER))}")
+        # torch-fidelity's own outputs; "768" (after Mixed_6e) is the cheapest that runs through Mixed_6d.
+        self._own = [name for name in self.layers if name != SFID_LAYER] or ["768"]
         self.net = FeatureExtractorInceptionV3(
-            EXTRACTOR_NAME, list(self.layers), feature_extractor_weights_path=self.weights_path
+            EXTRACTOR_NAME, self._own, feature_extractor_weights_path=self.weights_path
         ).to(self.device)
+        self._spatial = None
+        if SFID_LAYER in self.layers:
+            self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, output):
+        self._spatial = output[:, :SFID_CHANNELS].permute(0, 2, 3, 1).flatten(1).to(torch.float32)
 
     def __call__(self, images):
         """uint8 (N, C, H, W) -> {layer: float32 (N, D) on self.device}, run in chunks of batch_size."""
@@ -162,9 +180,11 @@ class InceptionFeatures:
         out = {name: [] for name in self.layers}
         with _full_float32(self.device):
             for chunk in images.split(self.batch_size):
-                features = self.net(chunk.to(self.device, non_blocking=True))
-                for name, f in zip(self.layers, features):
-                    out[name].append(f)
+                features = dict(zip(self._own, self.net(chunk.to(self.device, non_blocking=True))))
+                if SFID_LAYER in out:
+                    features[SFID_LAYER], self._spatial = self._spatial, None
+                for name in self.layers:
+                    out[name].append(features[name])
         return {name: torch.cat(fs) for name, fs in out.items()}
 
     def iterate(self, batches, total=None, progress=True, desc="Inception features"):

@@ -4,9 +4,10 @@ FID needs only the mean and covariance of the features. Keeping the sufficient s
 sum f f^T (float64) instead of the features makes them additive: chunks of one big npz, shards written by
 several jobs and DDP ranks (one all_reduce SUM) merge into exactly the statistics of a single pass.
 
-Reference files: ADM's npz (`mu`, `sigma`, e.g. VIRTUAL_imagenet256_labeled.npz; extra keys ignored), our own
-npz (the same keys in float64, plus `n`), and torch-fidelity's cached statistics (`*-stat-fid-2048.pt`,
-a dict of `mu`, `sigma`) or cached features (`*-features-2048.pt`, an (N, 2048) tensor).
+Reference files: ADM's npz (`mu`, `sigma`, and `mu_s`, `sigma_s` of the sFID features, e.g.
+VIRTUAL_imagenet256_labeled.npz; other keys ignored), our own npz (the same keys in float64, plus `n`), and
+torch-fidelity's cached statistics (`*-stat-fid-2048.pt`, a dict of `mu`, `sigma`) or cached features
+(`*-features-2048.pt`, an (N, 2048) tensor).
 """
 
 import os
@@ -111,21 +112,28 @@ def save_reference(path, mu, sigma, **extra):
     return path
 
 
-def _as_reference(mu, sigma, n=None, source=""):
+def _moments(mu, sigma, source, suffix=""):
     mu = np.asarray(mu, dtype=np.float64)    # torch-fidelity keeps mu in float32, ADM in float64
     sigma = np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{source}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-    out = {"mu": mu, "sigma": sigma}
+        raise ValueError(f"{source}: expected mu{suffix} (D,) and sigma{suffix} (D, D), got {mu.shape} and "
+                         f"{sigma.shape}")
+    return mu, sigma
+
+
+def _as_reference(mu, sigma, n=None, source="", spatial=None):
+    out = dict(zip(("mu", "sigma"), _moments(mu, sigma, source)))
     if n is not None:
         out["n"] = int(n)
+    if spatial is not None:
+        out["mu_s"], out["sigma_s"] = _moments(*spatial, source, suffix="_s")
     return out
 
 
 def load_reference(path):
-    """Read reference statistics -> {"mu": float64 (D,), "sigma": float64 (D, D)[, "n": int]}.
+    """Read reference statistics -> {"mu": float64 (D,), "sigma": float64 (D, D)[, "n": int][, "mu_s", "sigma_s"]}.
 
-    .npz: ADM's files and ours (keys `mu`, `sigma`; `n` when present).
+    .npz: ADM's files and ours (keys `mu`, `sigma`; `n` and the sFID statistics `mu_s`, `sigma_s` when present).
     .pt: torch-fidelity's cache: a statistics dict (`mu`, `sigma`) or a features tensor (N, D).
     """
     path = os.fspath(path)
@@ -134,7 +142,8 @@ def load_reference(path):
             if "mu" not in f or "sigma" not in f:
                 raise KeyError(f"{path}: a reference npz needs keys 'mu' and 'sigma', found {sorted(f.keys())}")
             n = f["n"] if "n" in f else None
-            return _as_reference(f["mu"], f["sigma"], n, path)
+            spatial = (f["mu_s"], f["sigma_s"]) if "mu_s" in f and "sigma_s" in f else None
+            return _as_reference(f["mu"], f["sigma"], n, path, spatial)
     if path.endswith(".pt") or path.endswith(".pth"):
         # torch-fidelity pickles numpy arrays in its cache, so weights_only=False, as torch-fidelity itself
         # loads them: only read cache files you made or trust.

@@ -143,6 +143,8 @@ def test_reference_files_roundtrip(tmp_path):
              mu_s=mu, sigma_s=sigma)
     adm = load_reference(tmp_path / "adm.npz")
     assert adm["mu"].dtype == np.float64 and "n" not in adm
+    np.testing.assert_array_equal(adm["sigma_s"], sigma)                     # the sFID statistics come along
+    assert "mu_s" not in ours
 
     # torch-fidelity's cache: statistics dict (float32 mu, float64 sigma) and a features tensor.
     torch.save({"mu": mu.astype(np.float32), "sigma": sigma}, tmp_path / "x-inception-v3-compat-stat-fid-2048.pt")
@@ -331,6 +333,34 @@ def test_inception_features_smoke(weights):
     assert torch.equal(f_grey["2048"], f_rgb["2048"])
 
 
+def test_sfid_features_are_the_first_7_channels_of_mixed_6d_branch1x1(weights):
+    """ADM's `mixed_6/conv` is the 1x1 branch of the fourth 17x17 block; sFID keeps channels 0-6, flattened
+    in TensorFlow's height, width, channel order."""
+    images = make_sets(2)[0]
+    extractor = InceptionFeatures(weights, device="cpu", layers=("2048", "mixed_6/conv"))
+    block_inputs = []
+    extractor.net.Mixed_6d.register_forward_pre_hook(lambda module, args: block_inputs.append(args[0]))
+    features = extractor(images)
+    with torch.no_grad():
+        branch = extractor.net.Mixed_6d.branch1x1(block_inputs[0])             # (N, 192, 17, 17)
+    assert branch.shape == (2, 192, 17, 17) and features["mixed_6/conv"].shape == (2, 2023)
+    np.testing.assert_array_equal(features["mixed_6/conv"].view(2, 17, 17, 7).numpy(),
+                                  branch[:, :7].permute(0, 2, 3, 1).numpy())
+    # Asking for the spatial layer leaves the pool features unchanged.
+    torch.testing.assert_close(features["2048"], InceptionFeatures(weights, device="cpu")(images)["2048"],
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown Inception layers"):
+        InceptionFeatures(weights, device="cpu", layers=("mixed_6",))
+
+
+def test_sfid_without_spatial_reference_statistics_is_a_clear_error(weights, tmp_path):
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    save_reference(tmp_path / "ref.npz", np.zeros(2048), np.eye(2048))
+    with pytest.raises(ValueError, match="mu_s, sigma_s"):
+        evaluation.evaluate(tmp_path / "samples.npz", tmp_path / "ref.npz", sfid=True, inception_weights=weights,
+                            device="cpu", progress=False)
+
+
 @pytest.mark.slow
 def test_cli_reference_and_fid(weights, tmp_path):
     noise, smooth = make_sets(3)
@@ -353,9 +383,16 @@ def test_cli_reference_and_fid(weights, tmp_path):
     sidecar = {"sampler": "ddpm", "steps": 250, "cfg_scale": 1.5, "cfg_channels": 3, "ckpt": "c.pt", "step": 7}
     (tmp_path / "samples.json").write_text(json.dumps(sidecar))
     out = cli(["fid", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception-weights",
-               weights, "--device", "cpu", "--quiet"])
+               weights, "--device", "cpu", "--quiet", "--sfid"])
     written = json.loads((tmp_path / "samples_eval.json").read_text())
     assert written["fid"] == out["fid"] > 1.0
+    # sFID: the Frechet distance of the 2023 spatial features, reference statistics written by `ref`.
+    assert ref["mu_s"].shape == (2023,) and ref["sigma_s"].shape == (2023, 2023)
+    spatial = InceptionFeatures(weights, device="cpu", layers=("mixed_6/conv",))
+    a, b = (spatial(x)["mixed_6/conv"].double().numpy() for x in (noise, smooth))
+    expected = evaluation.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert written["sfid"] == out["sfid"] > 0.0
+    assert out["sfid"] == pytest.approx(expected, rel=1e-9)
     assert {k: written[k] for k in sidecar} == sidecar
     assert written["num_samples"] == 3
     assert written["reference_sha256"] == evaluation.features.file_sha256(tmp_path / "ref.npz")
