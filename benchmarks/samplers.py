@@ -61,7 +61,7 @@ def run_sampler(model, noise, labels, name, steps, args, info, batch_size, cfg_s
         with torch.no_grad(), autocast:
             x0 = sample(model, noise[i:i + batch_size], labels[i:i + batch_size], null_class=args["num_classes"],
                         sampler=name, steps=steps, cfg_scale=cfg_scale, diffusion_kwargs=info["diffusion"],
-                        clip_denoised=not info["latent"])
+                        clip_denoised=not info["latent"], progress=True)
         outputs.append(x0.float().cpu())
     sync(noise.device)
     return torch.cat(outputs), time.perf_counter() - start
