@@ -173,3 +173,17 @@ def test_sampler_benchmark_times_and_judges_every_sampler(tmp_path):
     assert (tmp_path / "bench" / "dpm-solver++3.png").stat().st_size > 0
     bad = run_script(["benchmarks/samplers.py", "--run", f"{tmp_path}/run", "--samplers", "ddim"], check=False)
     assert bad.returncode != 0 and "NAME:STEPS" in bad.stderr
+
+
+@pytest.mark.parametrize("block_type", ["adaLN-Zero", "cross-attn"])
+def test_attention_goes_through_scaled_dot_product_attention(block_type, monkeypatch):
+    """The blocks must call SDPA (flash / memory-efficient kernels on GPUs), not a hand-written softmax."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs))
+    model = small_dit(block_type=block_type).eval()
+    with torch.no_grad():
+        model(*inputs())
+    per_block = 2 if block_type == "cross-attn" else 1                 # self-attention (+ cross-attention)
+    assert len(calls) == per_block * len(model.blocks)
