@@ -298,7 +298,9 @@ def train(cfg):
     logger = None
     if dist.is_main:
         logger = RunLogger(run_dir, OmegaConf.to_container(cfg, resolve=True), **_logger_kwargs(cfg))
-        print(f"{args['name']}: {stats['params'] / 1e6:.2f}M parameters, {stats['gflops']:.3f} Gflops per image; "
+        custom = ", ".join(f"{k}={v}" for k, v in cfg.model.kwargs.items())
+        print(f"{args['name']}" + (f" ({custom})" if custom else "") +
+              f": {stats['params'] / 1e6:.2f}M parameters, {stats['gflops']:.3f} Gflops per image; "
               f"input {'x'.join(map(str, shape))}" + (f" ({vae.identifier} latents)" if vae else "") +
               f"; run_dir={run_dir}, starting at step {step}")
 
