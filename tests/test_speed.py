@@ -64,9 +64,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 @pytest.mark.slow
-def test_compiled_blocks_agree_with_eager():
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["compiled", "compiled+checkpointed"])
+def test_compiled_blocks_agree_with_eager(checkpointed):
     model = small_dit()
-    compiled = compile_blocks(copy.deepcopy(model))
+    copied = copy.deepcopy(model)
+    compiled = compile_blocks(checkpoint_activations(copied) if checkpointed else copied)  # train.py's order
     assert compiled.state_dict().keys() == model.state_dict().keys()  # checkpoints stay interchangeable
     x, t, y = inputs()
     loss_a, grads_a = loss_and_grads(model, x, t, y)
