@@ -98,8 +98,9 @@ def plot(results, path, title):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/digits/DiT-Mini-2", help="a run folder or a checkpoint file")
-    parser.add_argument("--samplers", nargs="+", type=parse_sampler, default=[parse_sampler(s) for s in DEFAULT_SAMPLERS],
-                        metavar="NAME:STEPS", help=f"default: {' '.join(DEFAULT_SAMPLERS)}")
+    parser.add_argument("--samplers", nargs="+", type=parse_sampler, metavar="NAME:STEPS",
+                        default=[parse_sampler(s) for s in DEFAULT_SAMPLERS],
+                        help=f"default: {' '.join(DEFAULT_SAMPLERS)}")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--cfg-scale", type=float, default=1.0)
@@ -129,9 +130,9 @@ def main():
 
     # Warm-up: allocator, kernels and the diffusers scheduler's first call.
     warm = min(args.batch_size, args.num_samples)
-    for name, _ in {name: None for name, _ in args.samplers}.items():
-        run_sampler(model, noise[:warm], labels[:warm], name, 2 if name != "dpm-solver++" else 3, margs, info,
-                    args.batch_size, args.cfg_scale, autocast, args.seed)
+    for name in dict.fromkeys(name for name, _ in args.samplers):
+        run_sampler(model, noise[:warm], labels[:warm], name, 3, margs, info, args.batch_size, args.cfg_scale,
+                    autocast, args.seed)
 
     results = []
     for name, steps in args.samplers:
@@ -149,11 +150,13 @@ def main():
                    if "class_match" in row else "")
         print(f"{name + '-' + str(steps):18s} {row['samples_per_s']:9.1f} samples/s{quality}", flush=True)
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU, {torch.get_num_threads()} threads")
     summary = {"checkpoint": str(ckpt), "device": device_name, "precision": args.precision,
                "cfg_scale": args.cfg_scale, "results": results}
     (out / "samplers.json").write_text(json.dumps(summary, indent=2))
-    print(f"\n{'sampler':18s}{'samples/s':>11s}{'speed-up':>10s}" + (f"{'judged':>9s}{'Frechet':>9s}" if digits else ""))
+    header = f"\n{'sampler':18s}{'samples/s':>11s}{'speed-up':>10s}"
+    print(header + (f"{'judged':>9s}{'Frechet':>9s}" if digits else ""))
     for row in results:
         line = f"{row['sampler'] + '-' + str(row['steps']):18s}{row['samples_per_s']:11.1f}" \
                f"{row['samples_per_s'] / results[0]['samples_per_s']:9.1f}x"
