@@ -15,7 +15,7 @@ data=latents the batches come from a latent cache made once by extract_latents.p
 import copy
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import hydra
@@ -211,6 +211,24 @@ def sampling_model(ema, args, fsdp, device, all_ranks):
     return network.eval().requires_grad_(False)
 
 
+@contextmanager
+def gradient_sync(model, enabled):
+    """Gradient accumulation under DDP or FSDP2: reduce the gradients across processes only when `enabled`."""
+    if enabled:
+        yield
+    elif isinstance(model, DDP):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:  # one process: nothing to reduce
+        yield
+
+
 def check_resume_config(saved, cfg, path):
     """Refuse to resume a run with another model or diffusion (a changed train.steps is fine)."""
     current = OmegaConf.to_container(cfg, resolve=True)
@@ -283,6 +301,10 @@ def train(cfg):
     sampler = StepSampler(len(dataset), global_batch, dist.rank, dist.world_size, cfg.seed, start_step=step)
     next_batch = batch_source(dataset, sampler, cfg, device)
     b, lo = sampler.b, dist.rank * sampler.b   # this rank's slice of the global batch's random draws
+    accum = cfg.train.grad_accum
+    if accum < 1 or b % accum:
+        raise ValueError(f"train.grad_accum={accum} must be a positive divisor of the batch per process ({b} = "
+                         f"train.batch_size {global_batch} / {dist.world_size} processes)")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={cfg.precision!r}; choose fp32 or bf16")
@@ -345,11 +367,17 @@ def train(cfg):
 
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, cfg.optim.lr, cfg.optim.warmup_steps)
-        with autocast:
-            losses = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)
-        loss = losses["loss"].mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # Micro-batches of equal size: the mean of their mean losses is the batch's mean loss, so the summed
+        # gradients are the full batch's; the gradient reduction runs in the last backward only.
+        parts = []
+        for i, (xs, ts, ys, ns) in enumerate(zip(*(v.chunk(accum) for v in (x, t, y, noise)))):
+            with gradient_sync(model, i == accum - 1):
+                with autocast:
+                    part = diffusion.training_losses(model, xs, ts, dict(y=ys), noise=ns)
+                (part["loss"].mean() / accum).backward()
+            parts.append({k: v.detach() for k, v in part.items()})
+        losses = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip or math.inf)
         opt.step()
         update_ema(ema, raw_model, cfg.ema.decay)

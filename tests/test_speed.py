@@ -189,3 +189,33 @@ def test_attention_goes_through_scaled_dot_product_attention(block_type, monkeyp
         model(*inputs())
     per_block = 2 if block_type == "cross-attn" else 1                 # self-attention (+ cross-attention)
     assert len(calls) == per_block * len(model.blocks)
+
+
+def test_gradient_accumulation_gives_the_same_training(tmp_path):
+    import train as train_script
+    from conftest import compose_config, final_state
+
+    for name, extra in (("whole", []), ("accum", ["train.grad_accum=4"])):
+        train_script.train(compose_config(overrides=[*TRAIN, "train.steps=2", *extra, f"run_dir={tmp_path}/{name}"]))
+    whole, accum = final_state(tmp_path / "whole"), final_state(tmp_path / "accum")
+    for key in ("model", "ema"):
+        for name in whole[key]:
+            torch.testing.assert_close(accum[key][name], whole[key][name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="positive divisor of the batch per process"):
+        train_script.train(compose_config(overrides=[*TRAIN, "train.grad_accum=3", f"run_dir={tmp_path}/bad"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_gradient_accumulation_over_two_gloo_processes_matches_one_process(parallel, tmp_path):
+    import train as train_script
+    from conftest import compose_config, final_state, run_script
+
+    run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29543", "train.py", *TRAIN,
+                "train.steps=2", "train.grad_accum=2", f"train.parallel={parallel}", f"run_dir={tmp_path}/two"],
+               env={"OMP_NUM_THREADS": "1"})
+    train_script.train(compose_config(overrides=[*TRAIN, "train.steps=2", f"run_dir={tmp_path}/one"]))
+    two, one = final_state(tmp_path / "two"), final_state(tmp_path / "one")
+    for key in ("model", "ema"):
+        for name in one[key]:
+            torch.testing.assert_close(two[key][name], one[key][name], rtol=1e-5, atol=1e-6)
