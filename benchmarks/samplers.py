@@ -141,7 +141,7 @@ def main():
         row = {"sampler": name, "steps": steps, "samples": args.num_samples, "seconds": seconds,
                "samples_per_s": args.num_samples / seconds,
                "network_evals_per_sample": steps * (2 if args.cfg_scale != 1.0 else 1)}
-        if digits and not info["latent"]:
+        if digits:
             images = to_uint8(x0)
             row.update(judge(images.permute(0, 2, 3, 1).numpy(), labels.cpu().numpy()))
             save_grid(images[: 10 * 10], out / f"{name}{steps}.png", nrow=10)

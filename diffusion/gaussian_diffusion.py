@@ -75,8 +75,8 @@ class GaussianDiffusion:
     def _extract(self, arr, t, shape):
         """arr[t] for one of this process's float64 tables and (N,) indices, as float32 broadcastable to `shape`.
 
-        The table is copied to t's device on first use only: a host-to-device copy on every lookup (about ten
-        per training or sampling step) would block the host until the GPU queue drains.
+        The table is copied to t's device on first use only: a copy from pageable host memory on every lookup
+        (about ten per training or sampling step) is synchronous for the host (a GPU saving not measured here).
         """
         out = self._on_device(arr, t.device)[t].float()
         return out.view(-1, *([1] * (len(shape) - 1))).expand(shape)
