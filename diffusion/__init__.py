@@ -1,4 +1,9 @@
-"""Gaussian diffusion: `create_diffusion` takes the official DiT arguments and returns a `GaussianDiffusion`."""
+"""The objectives and their samplers.
+
+- Gaussian diffusion: `create_diffusion` takes the official DiT arguments and returns a `GaussianDiffusion`.
+- Flows / stochastic interpolants: `create_transport` and `Sampler` take SiT's arguments (diffusion/transport.py).
+- train.py's view of both: `build_objective` (diffusion/objectives.py); sampling: `diffusion.sampling.sample`.
+"""
 
 import numpy as np
 
@@ -6,7 +11,8 @@ from .gaussian_diffusion import GaussianDiffusion
 from .guidance import classifier_free_guidance
 from .schedules import SCHEDULES, get_named_beta_schedule, space_timesteps
 
-__all__ = ["GaussianDiffusion", "SCHEDULES", "classifier_free_guidance", "create_diffusion",
+__all__ = ["GaussianDiffusion", "ModelType", "PathType", "SCHEDULES", "Sampler", "Transport", "WeightType",
+           "build_objective", "classifier_free_guidance", "create_diffusion", "create_transport",
            "get_named_beta_schedule", "space_timesteps"]
 
 
@@ -51,3 +57,8 @@ def create_diffusion(
         loss_type=loss_type,
         timestep_map=kept,
     )
+
+
+# Imported after create_diffusion, which the DDPM objective builds on.
+from .objectives import build_objective  # noqa: E402
+from .transport import ModelType, PathType, Sampler, Transport, WeightType, create_transport  # noqa: E402

@@ -1,4 +1,10 @@
-"""One entry point for every sampler: noise + labels -> x_0, with classifier-free guidance as a closure."""
+"""One entry point for every sampler of both objectives: noise + labels -> x_0, guidance as a closure.
+
+    x = sample(model, noise, labels, null_class=10, diffusion_kwargs=ckpt["config"]["diffusion"], sampler="ode")
+
+The diffusion config recorded with a model says which objective trained it (DDPM or flow); the sampler must fit
+it: ddpm / ddim / dpm-solver++ for DDPM models, ode / sde for flow models.
+"""
 
 import torch
 from diffusers import DPMSolverMultistepScheduler
@@ -6,28 +12,99 @@ from tqdm.auto import tqdm
 
 from . import create_diffusion
 from .guidance import classifier_free_guidance
+from .objectives import build_objective, objective_name
+from .transport import Sampler
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm-solver++"), "flow": ("ode", "sde")}
+# Steps when none are given: DiT's DDPM-250, DDIM-50, DPM-Solver++ 20; SiT's ODE (50 grid points) and SDE-250.
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver++": 20, "ode": 50, "sde": 250}
+# What sampler="auto" picks for each objective.
+DEFAULT_SAMPLER = {"ddpm": "ddpm", "flow": "ode"}
+ODE_METHOD_ALIASES = {"heun": "heun2"}  # torchdiffeq's name for Heun's 2nd-order method
+ODE_DEFAULTS = dict(method="heun", atol=1e-6, rtol=1e-3)
+SDE_DEFAULTS = dict(method="Euler", diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean", last_step_size=0.04)
 
 
-def sample(model, noise, labels, *, null_class, sampler="ddpm", steps=250, cfg_scale=1.0, cfg_channels=None,
-           eta=0.0, clip_denoised=False, diffusion_kwargs=None, progress=False):
-    """Draw x_0 from x_T = noise with `steps` evenly respaced steps of the training process.
+def resolve_sampler(diffusion_kwargs, sampler="auto", steps=None):
+    """(sampler, steps) for a model trained with `diffusion_kwargs`: "auto" and steps=None take the defaults;
+    a sampler of the other objective is refused with the ones that fit."""
+    objective = objective_name(diffusion_kwargs)
+    sampler = DEFAULT_SAMPLER[objective] if sampler in (None, "auto") else sampler
+    if sampler not in SAMPLERS[objective]:
+        known = [s for names in SAMPLERS.values() for s in names]
+        if sampler not in known:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(known)} (or auto)")
+        why = ("a flow model has no discrete DDPM process to run" if objective == "flow" else
+               "a DDPM model's probability-flow ODE is what ddim (eta=0) and dpm-solver++ integrate")
+        raise ValueError(f"sampler={sampler} does not fit a model trained with diffusion.objective={objective} ({why}); "
+                         f"use sampler={' | '.join(SAMPLERS[objective])} or sampler=auto")
+    return sampler, DEFAULT_STEPS[sampler] if steps is None else int(steps)
+
+
+def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_scale=1.0, cfg_channels=None,
+           guidance_interval=None, eta=0.0, clip_denoised=False, diffusion_kwargs=None, time_shift=1.0, ode=None,
+           sde=None, generator=None, progress=False):
+    """Draw x_0 (DDPM) or x_1 (flow) from the given starting noise, conditioned on `labels`.
 
     model: model(x, t, y); labels: (N,) class ids (null_class for unconditional samples).
-    diffusion_kwargs: the create_diffusion arguments the model was trained with (noise_schedule, learn_sigma, ...).
-    clip_denoised: clamp the x_0 prediction to [-1, 1] (right for pixels, wrong for VAE latents).
+    diffusion_kwargs: the diffusion config the model was trained with (its `objective`, schedule or path, ...).
+    sampler / steps: see resolve_sampler. DDPM samplers respace the training process to `steps`; for flows,
+        `steps` is SiT's num_steps (grid points: euler takes steps - 1 updates, the SDE steps - 1 plus a last step).
+    guidance_interval: (low, high) in the sampler's own time (see classifier_free_guidance), or None for always.
+    clip_denoised: clamp to [-1, 1] (right for pixels, wrong for VAE latents).
+    time_shift: flows only, LightningDiT's grid shift (transport.shift_time; 1 = none).
+    ode: dict(method, atol, rtol) for sampler="ode"; sde: dict(method, diffusion_form, diffusion_norm, last_step,
+        last_step_size) for sampler="sde"; missing keys take ODE_DEFAULTS / SDE_DEFAULTS.
+    generator: a torch.Generator for the SDE's noise (flows; default: torch's global RNG).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    model_fn = classifier_free_guidance(model, cfg_scale, null_class, cfg_channels)
+    sampler, steps = resolve_sampler(diffusion_kwargs, sampler, steps)
+    model_fn = lambda network: classifier_free_guidance(network, cfg_scale, null_class, cfg_channels,
+                                                        guidance_interval)
+    if sampler in SAMPLERS["flow"]:
+        objective = build_objective(diffusion_kwargs)
+        fn = model_fn(objective.network(model))   # guidance sees SiT time; the network sees t * time_scale
+        x = flow_sample(objective.transport, fn, noise, labels, sampler, steps, time_shift, ode, sde, generator,
+                        progress)
+        return x.clamp(-1, 1) if clip_denoised else x
+    kwargs = {k: v for k, v in dict(diffusion_kwargs or {}).items() if k != "objective"}
     if sampler == "dpm-solver++":
-        return dpm_solver_sample(model_fn, noise, labels, steps, diffusion_kwargs, clip_denoised, progress)
-    diffusion = create_diffusion(str(steps), **(diffusion_kwargs or {}))
-    kwargs = dict(noise=noise, clip_denoised=clip_denoised, model_kwargs=dict(y=labels), progress=progress)
+        return dpm_solver_sample(model_fn(model), noise, labels, steps, kwargs, clip_denoised, progress)
+    diffusion = create_diffusion(str(steps), **kwargs)
+    loop_kwargs = dict(noise=noise, clip_denoised=clip_denoised, model_kwargs=dict(y=labels), progress=progress)
     if sampler == "ddpm":
-        return diffusion.p_sample_loop(model_fn, tuple(noise.shape), **kwargs)
-    return diffusion.ddim_sample_loop(model_fn, tuple(noise.shape), eta=eta, **kwargs)
+        return diffusion.p_sample_loop(model_fn(model), tuple(noise.shape), **loop_kwargs)
+    return diffusion.ddim_sample_loop(model_fn(model), tuple(noise.shape), eta=eta, **loop_kwargs)
+
+
+def flow_sample(transport, model_fn, noise, labels, sampler, steps, time_shift=1.0, ode=None, sde=None,
+                generator=None, progress=False):
+    """The final state of SiT's ODE or SDE sampler from `noise` (t = 0) to data."""
+    model_fn = _with_progress(model_fn, progress)
+    if sampler == "ode":
+        options = {**ODE_DEFAULTS, **(ode or {})}
+        method = ODE_METHOD_ALIASES.get(options["method"], options["method"])
+        fn = Sampler(transport).sample_ode(sampling_method=method, num_steps=steps, atol=options["atol"],
+                                           rtol=options["rtol"], time_shift=time_shift)
+        with torch.no_grad():
+            return fn(noise, model_fn, y=labels)[-1]
+    options = {**SDE_DEFAULTS, **(sde or {})}
+    fn = Sampler(transport).sample_sde(sampling_method=options["method"], diffusion_form=options["diffusion_form"],
+                                       diffusion_norm=options["diffusion_norm"], last_step=options["last_step"],
+                                       last_step_size=options["last_step_size"], num_steps=steps,
+                                       time_shift=time_shift, generator=generator)
+    return fn(noise, model_fn, y=labels)[-1]
+
+
+def _with_progress(model_fn, progress):
+    """model_fn that ticks a progress bar per network evaluation (adaptive solvers have no step count up front)."""
+    if not progress:
+        return model_fn
+    bar = tqdm(desc="sampling (network calls)", leave=False)
+
+    def counted(x, t, y):
+        bar.update(1)
+        return model_fn(x, t, y)
+    return counted
 
 
 @torch.no_grad()

@@ -1,0 +1,114 @@
+"""The training objectives behind one small interface, so train.py never asks which one it trains.
+
+    objective = build_objective(cfg.diffusion)                      # {"objective": "ddpm" | "flow", ...}
+    t, noise = objective.draw(generator, global_batch, shape, device)   # this step's draws for the global batch
+    terms = objective.losses(model, x, t, noise, dict(y=y))             # {"loss": (N,), ...logged terms}
+
+`ddpm` is the Gaussian diffusion of DiT (create_diffusion's arguments); `flow` is a SiT transport (path,
+prediction, loss weight) plus the choices of the trainers built on it: how t is drawn (uniform, as SiT, or
+logit-normal, as SD3 and LightningDiT), LightningDiT's velocity-direction cosine loss, and the scale of the
+network's time input. Samplers read the same config (diffusion.sampling.sample).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from . import create_diffusion
+from .losses import mean_flat
+from .transport import ModelType, create_transport
+
+OBJECTIVES = ("ddpm", "flow")
+TIME_SAMPLING = ("uniform", "logit_normal")
+
+
+def objective_name(diffusion_cfg):
+    """The objective a diffusion config (or a checkpoint's recorded one) describes; configs from before flows
+    existed have no `objective` key and are DDPM."""
+    name = (diffusion_cfg or {}).get("objective", "ddpm")
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown diffusion.objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return name
+
+
+def build_objective(diffusion_cfg):
+    """DDPMObjective or FlowObjective from a diffusion config (a dict or DictConfig)."""
+    kwargs = {k: v for k, v in dict(diffusion_cfg or {}).items() if k != "objective"}
+    name = objective_name(diffusion_cfg)
+    try:
+        return DDPMObjective(**kwargs) if name == "ddpm" else FlowObjective(**kwargs)
+    except TypeError as error:  # an unknown key: name the valid ones
+        cls = DDPMObjective if name == "ddpm" else FlowObjective
+        raise ValueError(f"diffusion (objective={name}): {error}; valid keys: {', '.join(cls.KEYS)}") from None
+
+
+class DDPMObjective:
+    """The DiT paper's objective: t uniform on {0, ..., T-1}, L_simple (+ L_vb with a learned variance)."""
+
+    name = "ddpm"
+    KEYS = ("noise_schedule", "diffusion_steps", "learn_sigma", "sigma_small", "predict_xstart", "use_kl",
+            "rescale_learned_sigmas")
+
+    def __init__(self, **create_diffusion_kwargs):
+        self.diffusion = create_diffusion(timestep_respacing="", **create_diffusion_kwargs)
+        self.learn_sigma = create_diffusion_kwargs.get("learn_sigma", True)
+
+    def draw(self, generator, n, shape, device):
+        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=generator, device=device)
+        noise = torch.randn((n, *shape), generator=generator, device=device)
+        return t, noise
+
+    def losses(self, model, x, t, noise, model_kwargs):
+        return self.diffusion.training_losses(model, x, t, model_kwargs, noise=noise)
+
+
+class FlowObjective:
+    """An interpolant objective (SiT) trained with flow matching: x_t = alpha_t x + sigma_t eps, t = 0 noise.
+
+    time_sampling: "uniform" on [t0, t1] (SiT) or "logit_normal": t = sigmoid(n), n ~ N(time_mean, time_std^2)
+        (SD3, 2403.03206 eq. 19; LightningDiT uses mean 0, std 1), mapped into [t0, t1].
+    cosine_loss: add LightningDiT's 1 - cos(v_pred, u_t), the cosine over channels at each position, weight 1
+        (velocity models only).
+    time_scale: the network sees t * time_scale (SiT feeds t in [0, 1]; 1000 puts it on DDPM's 0..999 scale).
+    """
+
+    name = "flow"
+    KEYS = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps", "time_sampling", "time_mean",
+            "time_std", "cosine_loss", "time_scale")
+    learn_sigma = False  # a flow model predicts one value per input value
+
+    def __init__(self, path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None,
+                 time_sampling="uniform", time_mean=0.0, time_std=1.0, cosine_loss=False, time_scale=1.0):
+        if time_sampling not in TIME_SAMPLING:
+            raise ValueError(f"unknown diffusion.time_sampling {time_sampling!r}; choose one of "
+                             f"{', '.join(TIME_SAMPLING)}")
+        if time_std <= 0 or time_scale <= 0:
+            raise ValueError(f"diffusion.time_std={time_std} and diffusion.time_scale={time_scale} must be positive")
+        self.transport = create_transport(path_type, prediction, loss_weight, train_eps, sample_eps)
+        if cosine_loss and self.transport.model_type != ModelType.VELOCITY:
+            raise ValueError("diffusion.cosine_loss compares predicted and target velocities; it needs "
+                             "prediction=velocity")
+        self.time_sampling, self.time_mean, self.time_std = time_sampling, time_mean, time_std
+        self.cosine_loss, self.time_scale = cosine_loss, time_scale
+
+    def network(self, model):
+        """model(x, t, **kw) with t in [0, 1] -> the network called with t * time_scale."""
+        if self.time_scale == 1:
+            return model
+        return lambda x, t, **kwargs: model(x, t * self.time_scale, **kwargs)
+
+    def draw(self, generator, n, shape, device):
+        t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps)
+        if self.time_sampling == "uniform":
+            u = torch.rand(n, generator=generator, device=device)
+        else:
+            u = torch.sigmoid(torch.randn(n, generator=generator, device=device) * self.time_std + self.time_mean)
+        noise = torch.randn((n, *shape), generator=generator, device=device)
+        return u * (t1 - t0) + t0, noise
+
+    def losses(self, model, x, t, noise, model_kwargs):
+        terms = self.transport.training_losses(self.network(model), x, model_kwargs, t=t, x0=noise)
+        if not self.cosine_loss:
+            return {"loss": terms["loss"]}
+        _, _, target = self.transport.path_sampler.plan(t, noise, x)
+        cos = mean_flat(1 - F.cosine_similarity(terms["pred"], target, dim=1, eps=1e-8))
+        return {"loss": terms["loss"] + cos, "mse": terms["loss"], "cos": cos}
