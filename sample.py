@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from diffusion.sampling import sample
+from diffusion.sampling import resolve_sampler, sample
 from models import VAE, DiT, build_vae, create_model
 from models.dit import DIT_SIZES, EXTRA_SIZES
 from utils.checkpoint import load_checkpoint, resolve_checkpoint
@@ -99,9 +99,21 @@ def load_decoder(vae_cfg, info, channels):
     return vae
 
 
-def default_out(ckpt_arg, cfg):
+SAMPLER_KEYS = ("sampler", "steps", "eta", "cfg_scale", "cfg_channels", "guidance_low", "guidance_high", "time_shift",
+                "ode", "sde")
+
+
+def sampler_options(cfg, diffusion_kwargs):
+    """The sampler settings of the config, with `auto` and a missing step count resolved for this checkpoint."""
+    options = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in SAMPLER_KEYS}
+    options["sampler"], options["steps"] = resolve_sampler(diffusion_kwargs, cfg.sampler, cfg.steps)
+    return options
+
+
+def default_out(ckpt_arg, cfg, options):
     """Where samples go by default: inside the run folder when given one."""
-    tag = f"{cfg.sampler}{cfg.steps}-cfg{cfg.cfg_scale:g}-seed{cfg.seed}"
+    name = options["sampler"] + (f"-{options['ode']['method']}" if options["sampler"] == "ode" else "")
+    tag = f"{name}{options['steps']}-cfg{cfg.cfg_scale:g}-seed{cfg.seed}"
     base = Path(ckpt_arg)
     return (base / "samples" if base.is_dir() else Path("samples") / base.stem) / tag
 
@@ -119,7 +131,8 @@ def run(cfg):
         vae.to(device)
     # What lands on disk: decoded RGB images for latent models.
     image_channels, image_size = (vae.image_channels, size * vae.downsample) if vae else (channels, size)
-    out = Path(cfg.out) if cfg.out else default_out(cfg.ckpt, cfg)
+    options = sampler_options(cfg, info["diffusion"])   # a sampler that does not fit the objective stops here
+    out = Path(cfg.out) if cfg.out else default_out(cfg.ckpt, cfg, options)
     labels_cycle = list(cfg.class_labels) if cfg.class_labels else list(range(max(num_classes, 1)))
     if num_classes == 0:
         labels_cycle = [0]
@@ -131,15 +144,14 @@ def run(cfg):
     indices = np.array_split(np.arange(cfg.num_samples), dist.world_size)[dist.rank]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
     images, labels = [], []
-    torch.manual_seed(cfg.seed * 1000 + dist.rank)  # the per-step noise of DDPM / DDIM(eta > 0)
+    torch.manual_seed(cfg.seed * 1000 + dist.rank)  # the per-step noise of DDPM, DDIM(eta > 0) and the SDE
     batches = [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
     for batch in tqdm(batches, desc=f"sampling (rank {dist.rank})", disable=not dist.is_main):
         noise = torch.stack([torch.randn(channels, size, size, generator=torch.Generator().manual_seed(
             cfg.seed * 1_000_003 + int(i))) for i in batch]).to(device)
         y = torch.tensor([labels_cycle[int(i) % len(labels_cycle)] for i in batch], device=device)
         with torch.no_grad(), autocast:
-            x0 = sample(model, noise, y, null_class=num_classes, sampler=cfg.sampler, steps=cfg.steps,
-                        cfg_scale=cfg.cfg_scale, cfg_channels=cfg.cfg_channels, eta=cfg.eta,
+            x0 = sample(model, noise, y, null_class=num_classes, **options,
                         clip_denoised=vae is None, diffusion_kwargs=info["diffusion"])  # latents are not in [-1, 1]
         if vae is not None:
             x0 = vae.decode(x0)                                          # fp32, (n, 3, H, W) in [-1, 1]
@@ -171,9 +183,8 @@ def run(cfg):
         grid = torch.from_numpy(arr[: nrow * 8]).permute(0, 3, 1, 2)
         save_grid(grid, out / "grid.png", nrow=nrow)
         provenance = {"ckpt": str(ckpt_path), "step": info["step"], "weights": info["weights"],
-                      "model": args, "vae": vae.identifier if vae else None, "sampler": cfg.sampler,
-                      "steps": cfg.steps, "eta": cfg.eta,
-                      "cfg_scale": cfg.cfg_scale, "cfg_channels": cfg.cfg_channels, "num_samples": int(len(arr)),
+                      "model": args, "vae": vae.identifier if vae else None,
+                      "objective": info["diffusion"].get("objective", "ddpm"), **options, "num_samples": int(len(arr)),
                       "seed": cfg.seed, "precision": cfg.precision, "world_size": dist.world_size}
         (out / "samples.json").write_text(json.dumps(provenance, indent=2))
         print(f"wrote {len(arr)} samples to {out / 'samples.npz'} and a grid to {out / 'grid.png'}")

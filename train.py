@@ -1,12 +1,14 @@
-"""Train a DiT (or any model in models.MODELS) with the Gaussian diffusion of Peebles & Xie 2023.
+"""Train a DiT (or any model in models.MODELS) as a Gaussian diffusion (Peebles & Xie 2023) or as a flow (SiT).
 
-    python train.py                                   # DiT-T/2 on the bundled digits, CPU, minutes
+    python train.py                                   # the digits default, CPU, minutes
+    python train.py diffusion=flow                    # the same network trained by flow matching
     torchrun --nproc_per_node=8 train.py experiment=imagenet256 data.path=/data/imagenet/train
     python train.py -m model=DiT-S-2,DiT-B-2          # a sweep, one run_dir per run
 
 Re-running the same command resumes from the newest checkpoint in run_dir and continues exactly: the data
 order and every random draw (timesteps, noise, label dropout, flips, VAE posterior samples) are functions of
-(seed, step).
+(seed, step). The loop does not know which objective it trains: diffusion/objectives.py draws the step's times and
+noise and computes the loss for either.
 
 Latent diffusion: with vae=sd-vae-ft-ema the images are encoded on the fly (fp32, no gradients); with
 data=latents the batches come from a latent cache made once by extract_latents.py (both flips' posteriors).
@@ -29,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data import LatentCacheDataset, StepSampler, build_dataset, check_cache
-from diffusion import create_diffusion
+from diffusion import build_objective
 from diffusion.sampling import sample
 from models import build_vae, create_model, model_stats
 from utils.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
@@ -78,14 +80,14 @@ def input_shape(dataset, vae):
     return vae.latent_channels, size, size
 
 
-def model_args(cfg, dataset, vae=None):
+def model_args(cfg, dataset, objective, vae=None):
     """Everything needed to rebuild the network, and the VAE that decodes its latents (None in pixel space);
     stored in every checkpoint for sample.py."""
     channels, size, _ = input_shape(dataset, vae)
     vae_args = None if vae is None else dict(id=vae.identifier, path=cfg.vae.path, subfolder=cfg.vae.subfolder,
                                              scaling_factor=vae.scaling_factor)
     return dict(name=cfg.model.name, input_size=size, in_channels=channels,
-                num_classes=dataset.num_classes, learn_sigma=cfg.diffusion.learn_sigma,
+                num_classes=dataset.num_classes, learn_sigma=objective.learn_sigma,
                 **OmegaConf.to_container(cfg.model.kwargs, resolve=True), vae=vae_args)
 
 
@@ -130,6 +132,13 @@ def batch_source(dataset, sampler, cfg, device):
 
 
 @torch.no_grad()
+def sampler_options(cfg):
+    """The sampler settings of cfg.sample as keyword arguments of diffusion.sampling.sample."""
+    options = OmegaConf.to_container(cfg.sample, resolve=True)
+    options.pop("per_class")
+    return options
+
+
 def write_grid(ema, cfg, dataset, shape, vae, diffusion_kwargs, path, device):
     """EMA samples, one row per class (up to 10 classes), from a fixed seed so grids are comparable."""
     rows = min(dataset.num_classes, 10) if dataset.num_classes > 0 else 1
@@ -138,8 +147,7 @@ def write_grid(ema, cfg, dataset, shape, vae, diffusion_kwargs, path, device):
         labels = torch.zeros_like(labels)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     noise = torch.randn(len(labels), *shape, generator=generator, device=device)
-    x0 = sample(ema, noise, labels, null_class=dataset.num_classes, sampler=cfg.sample.sampler,
-                steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, cfg_channels=cfg.sample.cfg_channels,
+    x0 = sample(ema, noise, labels, null_class=dataset.num_classes, **sampler_options(cfg),
                 clip_denoised=vae is None, diffusion_kwargs=diffusion_kwargs)  # latents are not in [-1, 1]
     save_grid(to_uint8(decode(vae, x0)).cpu(), path, nrow=cfg.sample.per_class)
 
@@ -155,8 +163,7 @@ def ema_fid(ema, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, devic
             generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + int(chunk[0]))
             labels = torch.as_tensor(chunk % max(dataset.num_classes, 1), device=device)
             noise = torch.randn(len(chunk), *shape, generator=generator, device=device)
-            x0 = sample(ema, noise, labels, null_class=dataset.num_classes, sampler=cfg.sample.sampler,
-                        steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, cfg_channels=cfg.sample.cfg_channels,
+            x0 = sample(ema, noise, labels, null_class=dataset.num_classes, **sampler_options(cfg),
                         clip_denoised=vae is None, diffusion_kwargs=diffusion_kwargs)
             yield to_uint8(decode(vae, x0))
     return scorer.score(batches(), all_reduce=dist.world_size > 1)
@@ -232,6 +239,7 @@ def gradient_sync(model, enabled):
 def check_resume_config(saved, cfg, path):
     """Refuse to resume a run with another model or diffusion (a changed train.steps is fine)."""
     current = OmegaConf.to_container(cfg, resolve=True)
+    saved = {**saved, "diffusion": {"objective": "ddpm", **saved.get("diffusion", {})}}  # runs from before flows
     for key in ("model", "diffusion"):
         if saved.get(key) != current.get(key):
             raise ValueError(f"{path} was trained with {key}={saved.get(key)} but the config now says "
@@ -267,13 +275,13 @@ def train(cfg):
     if cached:  # refuse a cache made with another VAE, scaling factor or resolution
         check_cache(dataset.manifest, vae=vae and vae.identifier, scaling_factor=vae and vae.scaling_factor,
                     image_size=cfg.data.image_size, source=f"the latent cache {cfg.data.path}")
-    args = model_args(cfg, dataset, vae)
+    diffusion_kwargs = OmegaConf.to_container(cfg.diffusion, resolve=True)
+    objective = build_objective(diffusion_kwargs)     # DDPM or flow: draws t and noise, computes the loss
+    args = model_args(cfg, dataset, objective, vae)
     shape = input_shape(dataset, vae)                  # (C, H, W) the network sees: latents or pixels
     torch.manual_seed(cfg.seed)  # the initial weights; every later draw comes from step_generator
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    diffusion_kwargs = OmegaConf.to_container(cfg.diffusion, resolve=True)
-    diffusion = create_diffusion(timestep_respacing="", **diffusion_kwargs)
     stats = model_stats(lambda: build_model(args), shape)
 
     # Resume from the newest complete checkpoint, if any (weights load before any wrapping or sharding).
@@ -354,8 +362,7 @@ def train(cfg):
         x, y = next_batch(step)
         gen = step_generator(cfg.seed, step, device)
         # Draw for the whole global batch and take this rank's slice: any world size sees the same numbers.
-        t = torch.randint(0, diffusion.num_timesteps, (global_batch,), generator=gen, device=device)[lo:lo + b]
-        noise = torch.randn((global_batch, *shape), generator=gen, device=device)[lo:lo + b]
+        t, noise = (v[lo:lo + b] for v in objective.draw(gen, global_batch, shape, device))
         drop = (torch.rand(global_batch, generator=gen, device=device) < cfg.train.class_dropout)[lo:lo + b]
         flip = (torch.rand(global_batch, generator=gen, device=device) < 0.5)[lo:lo + b] & bool(cfg.data.random_flip)
         y = torch.where(drop, dataset.num_classes, y)  # label dropout for classifier-free guidance
@@ -374,7 +381,7 @@ def train(cfg):
         for i, (xs, ts, ys, ns) in enumerate(zip(*(v.chunk(accum) for v in (x, t, y, noise)))):
             with gradient_sync(model, i == accum - 1):
                 with autocast:
-                    part = diffusion.training_losses(model, xs, ts, dict(y=ys), noise=ns)
+                    part = objective.losses(model, xs, ts, ns, dict(y=ys))
                 (part["loss"].mean() / accum).backward()
             parts.append({k: v.detach() for k, v in part.items()})
         losses = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
@@ -384,9 +391,8 @@ def train(cfg):
         step += 1
         progress.update(1)
 
-        for key in ("loss", "mse", "vb"):
-            if key in losses:
-                sums[key] = sums.get(key, 0.0) + losses[key].detach().mean()
+        for key, value in losses.items():  # loss and the objective's terms (DDPM: mse, vb; flow + cosine: mse, cos)
+            sums[key] = sums.get(key, 0.0) + value.mean()
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach()

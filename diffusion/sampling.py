@@ -6,6 +6,8 @@ The diffusion config recorded with a model says which objective trained it (DDPM
 it: ddpm / ddim / dpm-solver++ for DDPM models, ode / sde for flow models.
 """
 
+import math
+
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
@@ -42,15 +44,17 @@ def resolve_sampler(diffusion_kwargs, sampler="auto", steps=None):
 
 
 def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_scale=1.0, cfg_channels=None,
-           guidance_interval=None, eta=0.0, clip_denoised=False, diffusion_kwargs=None, time_shift=1.0, ode=None,
-           sde=None, generator=None, progress=False):
+           guidance_low=None, guidance_high=None, eta=0.0, clip_denoised=False, diffusion_kwargs=None, time_shift=1.0,
+           ode=None, sde=None, generator=None, progress=False):
     """Draw x_0 (DDPM) or x_1 (flow) from the given starting noise, conditioned on `labels`.
 
     model: model(x, t, y); labels: (N,) class ids (null_class for unconditional samples).
     diffusion_kwargs: the diffusion config the model was trained with (its `objective`, schedule or path, ...).
     sampler / steps: see resolve_sampler. DDPM samplers respace the training process to `steps`; for flows,
         `steps` is SiT's num_steps (grid points: euler takes steps - 1 updates, the SDE steps - 1 plus a last step).
-    guidance_interval: (low, high) in the sampler's own time (see classifier_free_guidance), or None for always.
+    guidance_low / guidance_high: guide only while the model time is inside [low, high] (None: unbounded), in the
+        sampler's own time: DDPM step indices 0..T-1 (T-1 = noise), flow t in [0, 1] (1 = data); see
+        classifier_free_guidance.
     clip_denoised: clamp to [-1, 1] (right for pixels, wrong for VAE latents).
     time_shift: flows only, LightningDiT's grid shift (transport.shift_time; 1 = none).
     ode: dict(method, atol, rtol) for sampler="ode"; sde: dict(method, diffusion_form, diffusion_norm, last_step,
@@ -58,22 +62,22 @@ def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_
     generator: a torch.Generator for the SDE's noise (flows; default: torch's global RNG).
     """
     sampler, steps = resolve_sampler(diffusion_kwargs, sampler, steps)
-    model_fn = lambda network: classifier_free_guidance(network, cfg_scale, null_class, cfg_channels,
-                                                        guidance_interval)
+    interval = (-math.inf if guidance_low is None else guidance_low, math.inf if guidance_high is None else guidance_high)
+    guide = lambda network: classifier_free_guidance(network, cfg_scale, null_class, cfg_channels, interval)
     if sampler in SAMPLERS["flow"]:
         objective = build_objective(diffusion_kwargs)
-        fn = model_fn(objective.network(model))   # guidance sees SiT time; the network sees t * time_scale
+        fn = guide(objective.network(model))   # guidance sees SiT time; the network sees t * time_scale
         x = flow_sample(objective.transport, fn, noise, labels, sampler, steps, time_shift, ode, sde, generator,
                         progress)
         return x.clamp(-1, 1) if clip_denoised else x
     kwargs = {k: v for k, v in dict(diffusion_kwargs or {}).items() if k != "objective"}
     if sampler == "dpm-solver++":
-        return dpm_solver_sample(model_fn(model), noise, labels, steps, kwargs, clip_denoised, progress)
+        return dpm_solver_sample(guide(model), noise, labels, steps, kwargs, clip_denoised, progress)
     diffusion = create_diffusion(str(steps), **kwargs)
     loop_kwargs = dict(noise=noise, clip_denoised=clip_denoised, model_kwargs=dict(y=labels), progress=progress)
     if sampler == "ddpm":
-        return diffusion.p_sample_loop(model_fn(model), tuple(noise.shape), **loop_kwargs)
-    return diffusion.ddim_sample_loop(model_fn(model), tuple(noise.shape), eta=eta, **loop_kwargs)
+        return diffusion.p_sample_loop(guide(model), tuple(noise.shape), **loop_kwargs)
+    return diffusion.ddim_sample_loop(guide(model), tuple(noise.shape), eta=eta, **loop_kwargs)
 
 
 def flow_sample(transport, model_fn, noise, labels, sampler, steps, time_shift=1.0, ode=None, sde=None,

@@ -52,7 +52,7 @@ def test_model_configs_cover_the_size_table():
 
 def test_sample_config_composes():
     cfg = compose_config("sample", ["ckpt=x.pt"])
-    assert cfg.sampler in ("ddpm", "ddim") and cfg.num_samples > 0
+    assert cfg.sampler == "auto" and cfg.num_samples > 0
 
 
 def test_unknown_group_options_list_the_valid_ones():
@@ -151,6 +151,39 @@ def test_finished_run_extends_when_steps_are_raised(tmp_path):
     assert steps == [2, 4, 6]
 
 
+def test_flow_training_logs_its_terms_and_samples_with_a_flow_sampler(tmp_path):
+    run_dir = tmp_path / "flow"
+    train_script.train(compose_config(overrides=[*TINY, "diffusion=flow", "diffusion.cosine_loss=true",
+                                                 f"run_dir={run_dir}"]))
+    ckpt = final_state(run_dir)
+    assert ckpt["config"]["diffusion"]["objective"] == "flow" and ckpt["model_args"]["learn_sigma"] is False
+    assert ckpt["model"]["final_layer.linear.weight"].shape[0] == 2 * 2 * 1   # p^2 * C: no variance channels
+    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["loss"] == pytest.approx(row["mse"] + row["cos"], rel=1e-5) and "vb" not in row
+    out = sample_script.run(compose_config("sample", [f"ckpt={run_dir}", "num_samples=6", "steps=3",
+                                                      "device=cpu", "cfg_scale=2", "guidance_low=0.5"]))
+    assert out.name == "ode-heun3-cfg2-seed0"  # sampler=auto picks the flow default
+    provenance = json.loads((out / "samples.json").read_text())
+    assert provenance["objective"] == "flow" and provenance["sampler"] == "ode" and provenance["guidance_low"] == 0.5
+    assert np.load(out / "samples.npz")["arr_0"].shape == (6, 8, 8, 1)
+    sde = sample_script.run(compose_config("sample", [f"ckpt={run_dir}", "num_samples=4", "sampler=sde", "steps=4",
+                                                      "device=cpu", f"out={tmp_path}/sde"]))
+    assert json.loads((sde / "samples.json").read_text())["sde"]["diffusion_form"] == "sigma"
+    with pytest.raises(ValueError, match="does not fit a model trained with diffusion.objective=flow"):
+        sample_script.run(compose_config("sample", [f"ckpt={run_dir}", "sampler=ddpm", "device=cpu"]))
+
+
+def test_ddpm_model_refuses_flow_samplers(trained_run):
+    with pytest.raises(ValueError, match="probability-flow ODE is what ddim"):
+        sample_script.run(compose_config("sample", [f"ckpt={trained_run}", "sampler=ode", "device=cpu"]))
+
+
+def test_resume_with_another_objective_is_refused(trained_run, tmp_path):
+    shutil.copytree(trained_run, tmp_path / "run")
+    with pytest.raises(ValueError, match="diffusion="):
+        train_script.train(compose_config(overrides=[*TINY, "diffusion=flow", f"run_dir={tmp_path}/run"]))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Exact resume
 # ------------------------------------------------------------------------------------------------------------
@@ -159,8 +192,9 @@ def test_finished_run_extends_when_steps_are_raised(tmp_path):
 
 
 
-def test_resume_after_sigkill_is_bit_exact(tmp_path):
-    overrides = ["logger=none", "device=cpu", "train.steps=12", "train.batch_size=16", "train.log_every=1",
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_resume_after_sigkill_is_bit_exact(tmp_path, objective):
+    overrides = [f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=12", "train.batch_size=16", "train.log_every=1",
                  "train.ckpt_every=3", "train.keep_last=10", "sample.steps=2", "sample.per_class=1"]
     # The reference: one uninterrupted run.
     train_script.train(compose_config(overrides=[*overrides, f"run_dir={tmp_path}/ref"]))
@@ -188,8 +222,9 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
 # Distributed
 # ------------------------------------------------------------------------------------------------------------
 
-def test_ddp_two_gloo_processes_match_one_process(tmp_path):
-    overrides = ["logger=none", "device=cpu", "train.steps=2", "train.batch_size=16", "train.log_every=1",
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_ddp_two_gloo_processes_match_one_process(tmp_path, objective):
+    overrides = [f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=2", "train.batch_size=16", "train.log_every=1",
                  "train.ckpt_every=2", "sample.steps=2", "sample.per_class=1"]
     run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "train.py",
                 *overrides, f"run_dir={tmp_path}/ddp"], env={"OMP_NUM_THREADS": "1"})
