@@ -1,12 +1,20 @@
-"""Judge the default digits run: does each sample look like the digit it was conditioned on?
+"""Judge digits runs side by side: does each sample look like the digit it was conditioned on, and how soon?
 
-    python benchmarks/digits_quality.py                      # train the default (python train.py), then judge
-    python benchmarks/digits_quality.py --run runs/digits/DiT-Mini-2 --skip-train --cfg-scale 1.5
+    python benchmarks/digits_quality.py                                   # DDPM vs flow, each with its sampler
+    python benchmarks/digits_quality.py --configs flow:diffusion=flow flow-uniform:diffusion=flow,diffusion.time_sampling=uniform
+    python benchmarks/digits_quality.py --configs default: --budgets      # just the default, no time-to-quality
 
-A classifier trained on real digits (an RBF support-vector machine, ~99% accurate on held-out digits) labels
-every sample; the score is the share assigned to the conditioning class. The Frechet distance between
-samples and real digits is measured in the raw 64-pixel space. Both are printed next to the same numbers for
-real held-out digits, the reference a perfect generator would reach.
+Each config NAME:OVERRIDES (comma-separated train.py overrides; `sample.*` ones also choose the sampler that judges)
+is trained once into <out>/<NAME> with a checkpoint every --ckpt-every steps. Its final checkpoint, and the newest
+checkpoint within each --budgets training time, sample 1000 digits (100 per class, EMA weights) with the sampler of
+the config, and a classifier trained on real digits (an RBF support-vector machine, ~99% accurate on held-out digits)
+labels every sample: the score is the share assigned to the conditioning class. The Frechet distance between
+samples and real digits is measured in the raw 64-pixel space. Both are printed next to the same numbers for real
+held-out digits, the reference a perfect generator would reach.
+
+The learning rate is constant after warm-up and every draw is a function of (seed, step), so the checkpoint at step
+k of a longer run is exactly the final checkpoint of a k-step run: one training run per config gives every budget.
+Training time is the loop's own (metrics.jsonl step_time), without start-up, checkpoint writes or the final grid.
 """
 
 import argparse
@@ -24,6 +32,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS = ("ddpm:diffusion=ddpm", "flow:diffusion=flow")
 
 
 def frechet(a, b):
@@ -55,40 +64,99 @@ def judge(images, labels):
     }
 
 
+def parse_config(spec):
+    """'flow:diffusion=flow,sample.steps=25' -> ('flow', ['diffusion=flow', 'sample.steps=25'])."""
+    name, sep, overrides = spec.partition(":")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"config {spec!r} must be NAME:OVERRIDE[,OVERRIDE...] (NAME: for none)")
+    return name, [o for o in overrides.split(",") if o]
+
+
+def training_seconds(run_dir):
+    """{step: seconds of training up to that step} from metrics.jsonl (each row averages its window's steps)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "step_time" in r]
+    elapsed, last, out = 0.0, 0, {}
+    for r in rows:
+        elapsed += r["step_time"] * (r["step"] - last)
+        last = r["step"]
+        out[r["step"]] = elapsed
+    return out
+
+
+def sample_and_judge(ckpt, out, sample_overrides, num_samples, cfg_scale):
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "sample.py", f"ckpt={ckpt}", f"num_samples={num_samples}", f"out={out}",
+                    f"cfg_scale={cfg_scale}", "batch_size=500", *sample_overrides], cwd=ROOT, check=True)
+    seconds = time.perf_counter() - start
+    data = np.load(out / "samples.npz")
+    provenance = json.loads((out / "samples.json").read_text())
+    sampler = provenance["sampler"] + (f"-{provenance['ode']['method']}" if provenance["sampler"] == "ode" else "")
+    return {"sampler": f"{sampler}-{provenance['steps']}", "cfg_scale": cfg_scale, "sample_seconds": seconds,
+            **judge(data["arr_0"], data["arr_1"])}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default="runs/digits/DiT-Mini-2", help="run_dir of the default training run")
-    parser.add_argument("--skip-train", action="store_true", help="judge an existing run without training")
+    parser.add_argument("--configs", nargs="+", type=parse_config, default=[parse_config(c) for c in DEFAULT_CONFIGS],
+                        metavar="NAME:OVERRIDES", help=f"default: {' '.join(DEFAULT_CONFIGS)}")
+    parser.add_argument("--common", nargs="*", default=[], help="overrides for every config (e.g. train.steps=3000)")
+    parser.add_argument("--budgets", nargs="*", type=float, default=[60, 120, 220],
+                        help="training seconds at which to judge the newest checkpoint as well")
+    parser.add_argument("--ckpt-every", type=int, default=100)
+    parser.add_argument("--out", default="runs/digits-quality")
+    parser.add_argument("--skip-train", action="store_true", help="judge existing runs in --out")
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--sampler", default="ddpm")
-    parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--cfg-scale", type=float, default=1.0)
-    parser.add_argument("train_overrides", nargs="*", help="extra Hydra overrides for train.py")
+    parser.add_argument("--cfg-scale", type=float, nargs="+", default=[1.0], help="judge the final checkpoint at each")
     args = parser.parse_args()
+    out_root = Path(args.out)
 
-    train_seconds = None
-    if not args.skip_train:
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "train.py", f"run_dir={args.run}", "logger=none", *args.train_overrides],
-                       cwd=ROOT, check=True)
-        train_seconds = time.perf_counter() - start
-    out = Path(args.run) / "samples" / f"judge-{args.sampler}{args.steps}-cfg{args.cfg_scale:g}"
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "sample.py", f"ckpt={args.run}", f"num_samples={args.num_samples}",
-                    f"sampler={args.sampler}", f"steps={args.steps}", f"cfg_scale={args.cfg_scale}",
-                    f"out={out}", "batch_size=500"], cwd=ROOT, check=True)
-    sample_seconds = time.perf_counter() - start
+    results = []
+    for name, overrides in args.configs:
+        run_dir = out_root / name
+        train_overrides = [*args.common, *overrides]
+        sample_overrides = [o.removeprefix("sample.") for o in train_overrides if o.startswith("sample.")]
+        wall = None
+        if not args.skip_train:
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "train.py", f"run_dir={run_dir}", "logger=none",
+                            f"train.ckpt_every={args.ckpt_every}", "train.keep_last=0", *train_overrides],
+                           cwd=ROOT, check=True)
+            wall = time.perf_counter() - start
+        seconds = training_seconds(run_dir)
+        ckpts = sorted((run_dir / "checkpoints").glob("*.pt"), key=lambda p: int(p.stem))
+        final = int(ckpts[-1].stem)
+        row = {"config": name, "overrides": train_overrides, "steps": final, "train_seconds": seconds[final],
+               "train_wall_seconds": wall, "final": [], "budgets": []}
+        for scale in args.cfg_scale:
+            judged = sample_and_judge(ckpts[-1], run_dir / "samples" / f"judge-final-cfg{scale:g}", sample_overrides,
+                                      args.num_samples, scale)
+            row["final"].append(judged)
+        for budget in args.budgets:
+            within = [int(p.stem) for p in ckpts if seconds.get(int(p.stem), np.inf) <= budget]
+            if not within:
+                continue
+            step = within[-1]
+            judged = sample_and_judge(run_dir / "checkpoints" / f"{step:07d}.pt",
+                                      run_dir / "samples" / f"judge-{step:07d}", sample_overrides, args.num_samples, 1.0)
+            row["budgets"].append({"budget_seconds": budget, "step": step, "train_seconds": seconds[step], **judged})
+        results.append(row)
+        (out_root / "digits_quality.json").write_text(json.dumps(results, indent=2))
 
-    data = np.load(out / "samples.npz")
-    result = {"samples": int(len(data["arr_0"])), "sampler": f"{args.sampler}-{args.steps}",
-              "cfg_scale": args.cfg_scale, "train_seconds": train_seconds, "sample_seconds": sample_seconds,
-              **judge(data["arr_0"], data["arr_1"])}
-    print(f"{'':28s}{'samples':>10s}{'real held-out':>16s}")
-    print(f"{'judged as their class':28s}{result['class_match']:>10.1%}{result['class_match_real_heldout']:>16.1%}")
-    print(f"{'Frechet distance (pixels)':28s}{result['frechet_pixels']:>10.2f}{result['frechet_pixels_real_heldout']:>16.2f}")
-    if train_seconds is not None:
-        print(f"training took {train_seconds:.0f} s; sampling {result['samples']} took {sample_seconds:.0f} s")
-    (out / "judge.json").write_text(json.dumps(result, indent=2))
+    real = results[0]["final"][0]
+    print(f"\n{'config':16s}{'steps':>7s}{'train s':>9s}{'sampler':>16s}{'cfg':>5s}{'judged':>9s}{'Frechet':>9s}")
+    for row in results:
+        for judged in row["final"]:
+            print(f"{row['config']:16s}{row['steps']:7d}{row['train_seconds']:9.0f}{judged['sampler']:>16s}"
+                  f"{judged['cfg_scale']:5g}{judged['class_match']:9.1%}{judged['frechet_pixels']:9.2f}")
+    print(f"{'real held-out digits':53s}{real['class_match_real_heldout']:9.1%}{real['frechet_pixels_real_heldout']:9.2f}")
+    if any(row["budgets"] for row in results):
+        print(f"\ntime to quality (no guidance): judged as class / Frechet after N seconds of training")
+        print(f"{'config':16s}" + "".join(f"{b:>16g}" for b in args.budgets))
+        for row in results:
+            cells = {b["budget_seconds"]: f"{b['class_match']:.1%} / {b['frechet_pixels']:.1f}" for b in row["budgets"]}
+            print(f"{row['config']:16s}" + "".join(f"{cells.get(b, '-'):>16s}" for b in args.budgets))
+    print(f"results: {out_root / 'digits_quality.json'}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Samples/s and quality of each sampler on one trained model: DDPM-250, DDIM-50 and DPM-Solver++ at 10-25 steps.
+"""Samples/s and quality of each sampler on one trained model, DDPM or flow.
+
+DDPM models: DDPM-250, DDIM-50/25 and DPM-Solver++ at 10-25 steps. Flow models: the ODE (Euler, Heun, dopri5) and
+the SDE (Euler-Maruyama, Heun) at 10-250 steps. A sampler is NAME[-METHOD]:STEPS, e.g. ode-heun:25, sde:250,
+sde-heun:50, dpm-solver++:20.
 
     python train.py run_dir=runs/digits/DiT-Mini-2                       # the default digits run (~5 min)
     python benchmarks/samplers.py --run runs/digits/DiT-Mini-2           # then time and judge every sampler
@@ -6,7 +10,8 @@
     python benchmarks/samplers.py --run DiT-XL-2-256x256.pt --device cuda --precision bf16 --num-samples 256
 
 Every sampler starts from the same noise and labels (100 per class by default) with the EMA weights. The time
-is the whole sampling loop (network, guidance, solver) after a warm-up batch, decoding excluded. For a digits
+is the whole sampling loop (network, guidance, solver) after a warm-up batch, decoding excluded. The network
+evaluations per sample are counted, not assumed (adaptive dopri5 chooses its own). For a digits
 model each sampler's samples are judged as in benchmarks/digits_quality.py (share judged as their class by a
 classifier trained on real digits, Frechet distance in pixels); for other models only the speed is reported.
 Writes a table (samplers.json), a grid per sampler and a quality-vs-speed plot (samplers.png) next to them.
@@ -30,16 +35,42 @@ from sample import load_sampling_model  # noqa: E402
 from utils.checkpoint import resolve_checkpoint  # noqa: E402
 from utils.images import save_grid, to_uint8  # noqa: E402
 
-DEFAULT_SAMPLERS = ("ddpm:250", "ddim:50", "ddim:25", "dpm-solver++:25", "dpm-solver++:20", "dpm-solver++:15",
-                    "dpm-solver++:10")
+DEFAULT_SAMPLERS = {
+    "ddpm": ("ddpm:250", "ddim:50", "ddim:25", "dpm-solver++:25", "dpm-solver++:20", "dpm-solver++:15",
+             "dpm-solver++:10"),
+    "flow": ("sde:250", "sde:100", "sde:50", "sde-heun:50", "ode-dopri5:50", "ode-heun:50", "ode-heun:25",
+             "ode-heun:10", "ode-euler:100", "ode-euler:50", "ode-euler:25", "ode-euler:10"),
+}
 
 
 def parse_sampler(spec):
-    """'dpm-solver++:20' -> ('dpm-solver++', 20)."""
+    """'dpm-solver++:20' -> ('dpm-solver++', 20); 'ode-heun:25' -> ('ode-heun', 25)."""
     name, sep, steps = spec.rpartition(":")
     if not sep or not steps.isdigit():
-        raise argparse.ArgumentTypeError(f"sampler {spec!r} must be NAME:STEPS, e.g. ddim:50 or dpm-solver++:20")
+        raise argparse.ArgumentTypeError(f"sampler {spec!r} must be NAME:STEPS, e.g. ddim:50, ode-heun:25 or sde:250")
     return name, int(steps)
+
+
+def sampler_kwargs(name):
+    """'ode-heun' -> dict(sampler='ode', ode={'method': 'heun'}); 'sde-heun' -> SDE with Heun steps."""
+    family, _, method = name.partition("-")
+    if family == "ode":
+        return dict(sampler="ode", ode={"method": method or "heun"})
+    if family == "sde":
+        return dict(sampler="sde", sde={"method": "Heun" if method == "heun" else "Euler"})
+    return dict(sampler=name)
+
+
+class CountingModel(torch.nn.Module):
+    """The model, counting the rows it evaluates (a guided call of 2N rows counts 2 per sample)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x, t, y=None):
+        self.rows += len(x)
+        return self.model(x, t, y)
 
 
 def is_digits_model(args):
@@ -60,7 +91,7 @@ def run_sampler(model, noise, labels, name, steps, args, info, batch_size, cfg_s
     for i in range(0, len(noise), batch_size):
         with torch.no_grad(), autocast:
             x0 = sample(model, noise[i:i + batch_size], labels[i:i + batch_size], null_class=args["num_classes"],
-                        sampler=name, steps=steps, cfg_scale=cfg_scale, diffusion_kwargs=info["diffusion"],
+                        **sampler_kwargs(name), steps=steps, cfg_scale=cfg_scale, diffusion_kwargs=info["diffusion"],
                         clip_denoised=not info["latent"], progress=True)
         outputs.append(x0.float().cpu())
     sync(noise.device)
@@ -76,7 +107,8 @@ def plot(results, path, title):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     panels = (("class_match", 100, "judged as their class (%)"), ("frechet_pixels", 1, "Frechet distance, pixels"))
     for ax, (key, scale, label) in zip(axes, panels):
-        for family, marker in (("ddpm", "s"), ("ddim", "^"), ("dpm-solver++", "o")):
+        families = dict.fromkeys(r["sampler"] for r in results)
+        for family, marker in zip(families, "s^ovD<>p*"):
             rows = [r for r in results if r["sampler"] == family]
             if rows:
                 ax.plot([r["samples_per_s"] for r in rows], [scale * r[key] for r in rows], marker=marker,
@@ -98,9 +130,9 @@ def plot(results, path, title):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/digits/DiT-Mini-2", help="a run folder or a checkpoint file")
-    parser.add_argument("--samplers", nargs="+", type=parse_sampler, metavar="NAME:STEPS",
-                        default=[parse_sampler(s) for s in DEFAULT_SAMPLERS],
-                        help=f"default: {' '.join(DEFAULT_SAMPLERS)}")
+    parser.add_argument("--samplers", nargs="+", type=parse_sampler, metavar="NAME:STEPS", default=None,
+                        help="default for DDPM models: " + " ".join(DEFAULT_SAMPLERS["ddpm"]) + "; for flow models: "
+                             + " ".join(DEFAULT_SAMPLERS["flow"]))
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--cfg-scale", type=float, default=1.0)
@@ -116,7 +148,9 @@ def main():
     device = torch.device(args.device)
     ckpt = resolve_checkpoint(args.run)
     model, info = load_sampling_model(ckpt)
-    model = model.to(device).eval()
+    model = CountingModel(model.to(device).eval())
+    objective = info["diffusion"].get("objective", "ddpm")
+    samplers = args.samplers or [parse_sampler(s) for s in DEFAULT_SAMPLERS[objective]]
     margs = info["model_args"]
     channels, size, num_classes = margs["in_channels"], margs["input_size"], margs["num_classes"]
     digits = is_digits_model(margs)
@@ -130,17 +164,17 @@ def main():
 
     # Warm-up: allocator, kernels and the diffusers scheduler's first call.
     warm = min(args.batch_size, args.num_samples)
-    for name in dict.fromkeys(name for name, _ in args.samplers):
+    for name in dict.fromkeys(name for name, _ in samplers):
         run_sampler(model, noise[:warm], labels[:warm], name, 3, margs, info, args.batch_size, args.cfg_scale,
                     autocast, args.seed)
 
     results = []
-    for name, steps in args.samplers:
+    for name, steps in samplers:
+        model.rows = 0
         x0, seconds = run_sampler(model, noise, labels, name, steps, margs, info, args.batch_size, args.cfg_scale,
                                   autocast, args.seed)
         row = {"sampler": name, "steps": steps, "samples": args.num_samples, "seconds": seconds,
-               "samples_per_s": args.num_samples / seconds,
-               "network_evals_per_sample": steps * (2 if args.cfg_scale != 1.0 else 1)}
+               "samples_per_s": args.num_samples / seconds, "network_evals_per_sample": model.rows / args.num_samples}
         if digits:
             images = to_uint8(x0)
             row.update(judge(images.permute(0, 2, 3, 1).numpy(), labels.cpu().numpy()))
@@ -148,23 +182,24 @@ def main():
         results.append(row)
         quality = (f"  judged as class {row['class_match']:6.1%}  Frechet {row['frechet_pixels']:6.2f}"
                    if "class_match" in row else "")
-        print(f"{name + '-' + str(steps):18s} {row['samples_per_s']:9.1f} samples/s{quality}", flush=True)
+        print(f"{name + ':' + str(steps):18s} {row['samples_per_s']:9.1f} samples/s  "
+              f"{row['network_evals_per_sample']:6.1f} NFE{quality}", flush=True)
 
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU, {torch.get_num_threads()} threads")
     summary = {"checkpoint": str(ckpt), "device": device_name, "precision": args.precision,
                "cfg_scale": args.cfg_scale, "results": results}
     (out / "samplers.json").write_text(json.dumps(summary, indent=2))
-    header = f"\n{'sampler':18s}{'samples/s':>11s}{'speed-up':>10s}"
+    header = f"\n{'sampler':18s}{'samples/s':>11s}{'speed-up':>10s}{'NFE':>7s}"
     print(header + (f"{'judged':>9s}{'Frechet':>9s}" if digits else ""))
     for row in results:
-        line = f"{row['sampler'] + '-' + str(row['steps']):18s}{row['samples_per_s']:11.1f}" \
-               f"{row['samples_per_s'] / results[0]['samples_per_s']:9.1f}x"
+        line = f"{row['sampler'] + ':' + str(row['steps']):18s}{row['samples_per_s']:11.1f}" \
+               f"{row['samples_per_s'] / results[0]['samples_per_s']:9.1f}x{row['network_evals_per_sample']:7.1f}"
         if "class_match" in row:
             line += f"{row['class_match']:9.1%}{row['frechet_pixels']:9.2f}"
         print(line)
     if results and "class_match" in results[0]:
-        print(f"{'real held-out digits':29s}{'':10s}{results[0]['class_match_real_heldout']:9.1%}"
+        print(f"{'real held-out digits':29s}{'':17s}{results[0]['class_match_real_heldout']:9.1%}"
               f"{results[0]['frechet_pixels_real_heldout']:9.2f}")
         plot(results, out / "samplers.png", f"{margs['name']}, {args.num_samples} samples, cfg {args.cfg_scale:g}, "
                                             f"{device_name}, {args.precision}")

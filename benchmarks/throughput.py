@@ -2,9 +2,10 @@
 
     python benchmarks/throughput.py --model DiT-S/2 --batch-size 16 --official /path/to/facebookresearch/DiT
     python benchmarks/throughput.py --model DiT-XL/2 --batch-size 256 --device cuda --precision bf16 --compile
+    python benchmarks/throughput.py --model DiT-XL/2 --batch-size 256 --device cuda --precision bf16 --objective flow
 
-One training step is what train.py does: diffusion.training_losses (learned sigma, hybrid loss) + backward +
-AdamW. Model FLOPs per training image = 3 (forward + backward) x 2 (flops per multiply-accumulate) x the
+One training step is what train.py does: the objective's loss (DDPM: learned sigma, hybrid loss; --objective flow:
+flow matching, velocity on the Linear path) + backward + AdamW. Model FLOPs per training image = 3 (forward + backward) x 2 (flops per multiply-accumulate) x the
 paper's Gflops; DiT-XL/2 at 256x256 costs 711.7 GFLOP. MFU divides the achieved FLOP/s by the device's peak:
 the datasheet dense bf16 / tf32 figure for known GPUs, and a measured large-matmul rate on CPUs.
 
@@ -24,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffusion import create_diffusion  # noqa: E402
+from diffusion import build_objective  # noqa: E402
 from models import DiT_models, model_stats  # noqa: E402
 from utils.parallel import checkpoint_activations, compile_blocks  # noqa: E402
 
@@ -66,15 +67,30 @@ def time_steps(step, steps, warmup, device):
     return (time.perf_counter() - start) / steps, peak
 
 
-def make_step(model, diffusion, x, y, precision, device, fused):
+def official_loss(diffusion):
+    """loss(model, x, y) of the official DiT diffusion (its own t draw, as in its train.py)."""
+    def loss(model, x, y):
+        t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=x.device)
+        return diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+    return loss
+
+
+def objective_loss(objective):
+    """loss(model, x, y) of one of our objectives (diffusion/objectives.py), drawn as train.py draws."""
+    def loss(model, x, y):
+        t, noise = objective.draw(None, len(x), x.shape[1:], x.device)
+        return objective.losses(model, x, t, noise, dict(y=y))["loss"].mean()
+    return loss
+
+
+def make_step(model, loss_fn, x, y, precision, device, fused):
     """A closure running one training step of `model` on the fixed batch (x, y)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=fused)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     def step():
-        t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
         with autocast:
-            loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+            loss = loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -107,7 +123,9 @@ def main():
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--official", default=None, help="path to a facebookresearch/DiT checkout")
+    parser.add_argument("--objective", choices=("ddpm", "flow"), default="ddpm",
+                        help="ours: DDPM (learned sigma, hybrid loss) or flow matching (Linear, velocity)")
+    parser.add_argument("--official", default=None, help="path to a facebookresearch/DiT checkout (DDPM)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
 
@@ -120,7 +138,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     latent = args.image_size // 8
-    build = lambda: DiT_models[args.model](input_size=latent, num_classes=1000)
+    build = lambda **kw: DiT_models[args.model](input_size=latent, num_classes=1000, **kw)
     gflops = model_stats(build, (4, latent, latent))["gflops"]
     flops_per_image = 3 * 2 * gflops * 1e9
     peak, peak_source = device_peak_tflops(device, precision)
@@ -128,8 +146,8 @@ def main():
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 4, latent, latent, device=device)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    diffusion = create_diffusion("")
-    model = build().to(device)
+    objective = build_objective({"objective": args.objective})
+    model = build(learn_sigma=objective.learn_sigma).to(device)
     if args.grad_checkpoint:
         checkpoint_activations(model)
     if args.compile:
@@ -138,8 +156,9 @@ def main():
             inductor_config.compile_threads = 1
         compile_blocks(model)
     rows = []
-    ours = make_step(model, diffusion, x, y, precision, device, fused=device.type == "cuda")
-    options = "+".join([precision] + (["compile"] if args.compile else []) + (["ckpt"] if args.grad_checkpoint else []))
+    ours = make_step(model, objective_loss(objective), x, y, precision, device, fused=device.type == "cuda")
+    options = "+".join([args.objective, precision] + (["compile"] if args.compile else []) +
+                       (["ckpt"] if args.grad_checkpoint else []))
     rows.append((f"ours ({options})", *time_steps(ours, args.steps, args.warmup, device)))
     del model, ours
 
@@ -148,8 +167,8 @@ def main():
         model = official_models.DiT_models[args.model](input_size=latent, num_classes=1000).to(device)
         # The official train.py: fp32, eager, AdamW(lr=1e-4, weight_decay=0), model.train() for label dropout.
         model.train()
-        step = make_step(model, official_diffusion.create_diffusion(timestep_respacing=""), x, y, "fp32", device,
-                         fused=False)
+        step = make_step(model, official_loss(official_diffusion.create_diffusion(timestep_respacing="")), x, y, "fp32",
+                         device, fused=False)
         rows.append(("official (fp32)", *time_steps(step, args.steps, args.warmup, device)))
 
     print(f"{args.model} at {args.image_size}x{args.image_size} (latent {latent}x{latent}x4), batch {args.batch_size}, "
