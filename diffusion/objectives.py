@@ -109,6 +109,10 @@ class FlowObjective:
         terms = self.transport.training_losses(self.network(model), x, model_kwargs, t=t, x0=noise)
         if not self.cosine_loss:
             return {"loss": terms["loss"]}
+        if x.shape[1] < 2:  # measured on the digits: training collapses (docs/benchmarks.md)
+            raise ValueError(f"diffusion.cosine_loss takes the cosine over the {x.shape[1]} channel(s) of each "
+                             f"position: with one channel it is the sign (+-1), and at a zero prediction its "
+                             f"gradient is 1/eps; use it on latents (4+ channels) or set diffusion.cosine_loss=false")
         _, _, target = self.transport.path_sampler.plan(t, noise, x)
         cos = mean_flat(1 - F.cosine_similarity(terms["pred"], target, dim=1, eps=1e-8))
         return {"loss": terms["loss"] + cos, "mse": terms["loss"], "cos": cos}

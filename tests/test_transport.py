@@ -262,6 +262,8 @@ def test_cosine_loss_is_lightningdits():
     torch.testing.assert_close(terms["loss"], terms["mse"] + terms["cos"])
     with pytest.raises(ValueError, match="prediction=velocity"):
         build_objective(dict(objective="flow", prediction="noise", cosine_loss=True))
+    with pytest.raises(ValueError, match="with one channel it is the sign"):
+        objective.losses(lambda *a, **k: pred[:, :1], x[:, :1], t, noise[:, :1], {})
 
 
 def test_unknown_objective_keys_and_values_are_named():
