@@ -15,6 +15,7 @@ data=latents the batches come from a latent cache made once by extract_latents.p
 """
 
 import copy
+import json
 import math
 import time
 from contextlib import contextmanager, nullcontext
@@ -152,9 +153,40 @@ def write_grid(ema, cfg, dataset, shape, vae, diffusion_kwargs, path, device):
     save_grid(to_uint8(decode(vae, x0)).cpu(), path, nrow=cfg.sample.per_class)
 
 
+def fid_scorer(cfg, dataset, device):
+    """(scorer, score at the end?, the real-data floor or None) for cfg.fid; (None, False, None) when off.
+
+    features=auto measures the digits with their own network (no download) and anything else with Inception;
+    digits features without a reference use the digits' train split (evaluation.digits_reference)."""
+    features = cfg.fid.features
+    if features == "auto":
+        features = "digits" if cfg.data.name == "digits" else "inception"
+    at_end = cfg.fid.at_end
+    if at_end == "auto":
+        at_end = features == "digits" and cfg.fid.reference is None
+    if not (cfg.fid.every or at_end):
+        return None, False, None
+    if features == "digits" and cfg.data.name != "digits":
+        raise ValueError(f"fid.features=digits measures 8x8 digits; data={cfg.data.name} needs fid.features=inception "
+                         f"(or dinov2)")
+    from evaluation import FIDScorer, digits_floor, digits_reference  # loads the network; missing weights stop here
+    reference, floor = cfg.fid.reference, None
+    if reference is None:
+        if features != "digits":
+            raise ValueError(f"fid.every / fid.at_end with fid.features={features} needs fid.reference=<npz of "
+                             f"mu/sigma>; make one with `python -m evaluation ref ... --features {features}`")
+        reference = digits_reference()
+    if features == "digits":
+        floor = digits_floor(reference)
+    scorer = FIDScorer(reference, features=features, weights=cfg.fid.weights or cfg.fid.inception_weights,
+                       device=device)
+    return scorer, bool(at_end), floor
+
+
 @torch.no_grad()
 def ema_fid(ema, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, device):
-    """FID of cfg.fid.num_samples EMA samples (classes in turn), each rank drawing a contiguous share."""
+    """FID of cfg.fid.num_samples EMA samples (classes in turn), each rank drawing a contiguous share; with the
+    digits network also the class accuracy (scorer.last)."""
     share = np.array_split(np.arange(cfg.fid.num_samples), dist.world_size)[dist.rank]
     chunks = np.array_split(share, max(1, math.ceil(len(share) / cfg.fid.batch_size)))
 
@@ -166,7 +198,8 @@ def ema_fid(ema, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, devic
             x0 = sample(ema, noise, labels, null_class=dataset.num_classes, **sampler_options(cfg),
                         clip_denoised=vae is None, diffusion_kwargs=diffusion_kwargs)
             yield to_uint8(decode(vae, x0))
-    return scorer.score(batches(), all_reduce=dist.world_size > 1)
+    labels = share % max(dataset.num_classes, 1)
+    return scorer.score(batches(), all_reduce=dist.world_size > 1, labels=labels)
 
 
 def parallelize(model, ema, cfg, dist, device):
@@ -258,6 +291,8 @@ def train(cfg):
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dist = setup_distributed(cfg.device, tf32=cfg.tf32)
     device = dist.device
     run_dir = Path(cfg.run_dir)
@@ -317,13 +352,7 @@ def train(cfg):
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision={cfg.precision!r}; choose fp32 or bf16")
 
-    scorer = None
-    if cfg.fid.every:
-        from evaluation import FIDScorer  # loads the Inception network; stops early when its weights are missing
-        if cfg.fid.reference is None:
-            raise ValueError("fid.every > 0 needs fid.reference=<npz with mu/sigma>; make one with "
-                             "`python -m evaluation ref --data digits --out refs/digits.npz`")
-        scorer = FIDScorer(cfg.fid.reference, inception_weights=cfg.fid.inception_weights, device=device)
+    scorer, fid_at_end, fid_floor = fid_scorer(cfg, dataset, device)  # before training: errors stop it early
 
     logger = None
     if dist.is_main:
@@ -345,6 +374,17 @@ def train(cfg):
                 "rng": {"seed": cfg.seed, "samples_seen": step * global_batch},
             }, ckpt_dir, step, keep_last=cfg.train.keep_last)
         barrier()
+
+    def score_fid():
+        network = sampling_model(ema, args, fsdp, device, all_ranks=True)
+        fid = ema_fid(network, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, device)
+        row = {"step": step, "fid": fid, **scorer.last, "fid_samples": cfg.fid.num_samples,
+               "fid_features": scorer.extractor.name}
+        if fid_floor is not None:
+            row.update(fid_floor=fid_floor["fid"], class_accuracy_floor=fid_floor["class_accuracy"])
+        if dist.is_main:
+            logger.log(row)
+        return row
 
     def grid():
         network = sampling_model(ema, args, fsdp, device, all_ranks=False)
@@ -419,17 +459,41 @@ def train(cfg):
             checkpoint()
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step != cfg.train.steps:
             grid()
-        if scorer is not None and (step % cfg.fid.every == 0 or step == cfg.train.steps):
-            network = sampling_model(ema, args, fsdp, device, all_ranks=True)
-            fid = ema_fid(network, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, device)
-            if dist.is_main:
-                logger.log({"step": step, "fid": fid, "fid_samples": cfg.fid.num_samples})
+        if scorer is not None and cfg.fid.every and step % cfg.fid.every == 0 and step != cfg.train.steps:
+            score_fid()
     progress.close()
     grid()  # the final grid (also when a finished run is re-run)
+    if scorer is not None and (fid_at_end or cfg.fid.every):
+        final = logged_row(run_dir / "metrics.jsonl", step, "fid") if dist.world_size == 1 else None
+        final = final or score_fid()  # a finished run re-run prints the number it logged
+        if dist.is_main:
+            print(quality_line(final, cfg))
     if dist.is_main:
         logger.finish()
     cleanup_distributed()
     return run_dir
+
+
+def logged_row(path, step, key):
+    """The metrics.jsonl row of `step` that has `key`, or None."""
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return next((r for r in rows if r.get("step") == step and key in r), None)
+
+
+def quality_line(row, cfg):
+    """The final FID (and class accuracy) beside what real data scores, printed at the end of a run."""
+    name = "FID" if row["fid_features"] == "inception" else f"FD-{row['fid_features']}"
+    text = (f"step {row['step']}: {name} of {row['fid_samples']} EMA samples (cfg {cfg.sample.cfg_scale:g}) "
+            f"{row['fid']:.2f}")
+    if "fid_floor" in row:
+        text += f" (real held-out digits: {row['fid_floor']:.2f})"
+    if "class_accuracy" in row:
+        text += f"; classified as their label: {row['class_accuracy']:.1%}"
+        if "class_accuracy_floor" in row:
+            text += f" (real held-out digits: {row['class_accuracy_floor']:.1%})"
+    return text
 
 
 def _logger_kwargs(cfg):

@@ -1,13 +1,18 @@
-"""Evaluation: FID (Heusel et al. 2017), Inception Score and precision/recall of uint8 images, with
-torch-fidelity's TF-compatible Inception (`inception-v3-compat`) and float64 statistics that merge across
-chunks, shards and DDP ranks. CLI: `python -m evaluation fid|ref ...` (see __main__.py)."""
+"""Evaluation: FID (Heusel et al. 2017), Inception Score, precision/recall and class accuracy of uint8 images in the
+feature space of a choice of networks: torch-fidelity's TF-compatible Inception (`inception-v3-compat`), the bundled
+digits' own classifier (digits.py, no download) and DINOv2 ViT-L/14 (dinov2.py, FD-DINOv2), with float64 statistics
+that merge across chunks, shards and DDP ranks. CLI: `python -m evaluation fid|ref|train-digits ...` (__main__.py)."""
 
-from .evaluator import FIDScorer, build_reference, compute_statistics, evaluate
+from .digits import DigitsFeatures, digits_floor, digits_reference, digits_source
+from .dinov2 import DINOv2Features, MissingDINOv2Weights
+from .evaluator import FIDScorer, build_reference, class_accuracy, compute_statistics, evaluate
 from .features import (
+    FEATURE_NETWORKS,
     INCEPTION_FILENAME,
     INCEPTION_URL,
     InceptionFeatures,
     MissingInceptionWeights,
+    build_features,
     hub_weights_path,
     resolve_inception_weights,
     write_random_inception_weights,
@@ -18,6 +23,8 @@ from .scores import inception_score, precision_recall
 from .stats import FeatureStats, load_reference, save_reference
 
 __all__ = [
+    "DINOv2Features", "DigitsFeatures", "FEATURE_NETWORKS", "MissingDINOv2Weights", "build_features",
+    "class_accuracy", "digits_floor", "digits_reference", "digits_source",
     "FIDScorer", "FeatureStats", "INCEPTION_FILENAME", "INCEPTION_URL", "ImageSource", "InceptionFeatures",
     "MissingInceptionWeights", "build_reference", "compute_statistics", "dataset_source", "evaluate",
     "fid_from_stats", "frechet_distance", "hub_weights_path", "inception_score", "load_reference", "open_source",

@@ -1,8 +1,11 @@
-"""Command line: FID (+ IS, precision/recall) of samples against a reference, and reference statistics.
+"""Command line: FID (+ IS, precision/recall, class accuracy) of samples against a reference, reference statistics,
+and the digits feature network.
 
     python -m evaluation fid samples.npz --ref VIRTUAL_imagenet256_labeled.npz [--is] [--pr] [--sfid] [--out r.json]
-    python -m evaluation ref --data digits --out refs/digits.npz
-    python -m evaluation ref /path/to/images_or_samples.npz --out refs/mine.npz
+    python -m evaluation ref --data digits --split train --features digits --out refs/digits.npz
+    python -m evaluation fid samples.npz --ref refs/digits.npz --features digits [--pr] [--is]
+    python -m evaluation ref /path/to/images_or_samples.npz --features dinov2 --weights dinov2.safetensors --out r.npz
+    python -m evaluation train-digits              # retrain the digits network (seconds) and rewrite its weights
 
 `fid` prints the numbers and writes a JSON (default: <samples>_eval.json beside the first input) holding
 the metrics, the sample count, the reference file and its SHA-256, the feature extractor and its weights,
@@ -16,14 +19,22 @@ import json
 import os
 import sys
 
+from .digits import digits_source
+from .dinov2 import MissingDINOv2Weights
 from .evaluator import build_reference, evaluate
-from .features import MissingInceptionWeights
+from .features import FEATURE_NETWORKS, MissingInceptionWeights
 from .inputs import dataset_source, open_source, read_sidecar
 
 
 def _common(p):
+    p.add_argument("--features", choices=FEATURE_NETWORKS, default="inception",
+                   help="the feature network: inception (torch-fidelity, FID), digits (the bundled digits' "
+                        "classifier), dinov2 (FD-DINOv2, ViT-L/14)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="the feature network's weights file (inception: default torch's hub cache; digits: the "
+                        "shipped file; dinov2: required)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch's hub cache)")
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (same as --weights)")
     p.add_argument("--no-download", action="store_true", help="never try to download missing Inception weights")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass")
@@ -52,6 +63,8 @@ def parse_args(argv=None):
                                    "or a dataset")
     p.add_argument("sources", nargs="*", help="samples .npz files or image folders")
     p.add_argument("--data", default=None, help="a dataset name for data.build_dataset (e.g. digits, imagefolder)")
+    p.add_argument("--split", choices=("all", "train", "heldout"), default="all",
+                   help="--data digits: all 1797 digits, or the digits network's 70%% train / 30%% held-out split")
     p.add_argument("--data-path", default=None, help="dataset root (data=imagefolder)")
     p.add_argument("--image-size", type=int, default=None, help="dataset image size (data=imagefolder)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for --data")
@@ -59,6 +72,9 @@ def parse_args(argv=None):
                    help="also store the (N, 2048) float32 features, for precision/recall against this reference")
     p.add_argument("--out", required=True, help="output .npz")
     _common(p)
+
+    p = sub.add_parser("train-digits", help="retrain the digits feature network and rewrite its weights file")
+    p.add_argument("--out", default=None, help="weights file (default: evaluation/weights/digits_net.pt)")
     return parser.parse_args(argv)
 
 
@@ -84,9 +100,9 @@ def run_fid(args, argv):
     result = evaluate(
         [open_source(s) for s in args.samples], args.ref, isc=args.isc, prc=args.prc, sfid=args.sfid,
         ref_images=[open_source(s) for s in args.ref_images] if args.ref_images else None,
-        num_samples=args.num_samples, inception_weights=args.inception_weights, device=args.device,
-        batch_size=args.batch_size, isc_splits=args.isc_splits, download=not args.no_download,
-        progress=not args.quiet,
+        num_samples=args.num_samples, device=args.device, batch_size=args.batch_size, isc_splits=args.isc_splits,
+        download=not args.no_download, progress=not args.quiet, features=args.features,
+        weights=args.weights or args.inception_weights,
     )
     # The sidecar's sampling provenance (sampler, steps, cfg_scale, ckpt, ...) goes in as it is; the
     # evaluator's own measurements (num_samples, ...) win on a clash.
@@ -94,7 +110,10 @@ def run_fid(args, argv):
     path = args.out or _default_out(args.samples[0])
     _write_json(path, out)
 
-    print(f"FID        {result['fid']:.4f}  ({result['num_samples']:,} samples vs {os.path.basename(args.ref)})")
+    name = "FID" if args.features == "inception" else f"FD-{args.features}"
+    print(f"{name:10s} {result['fid']:.4f}  ({result['num_samples']:,} samples vs {os.path.basename(args.ref)})")
+    if "class_accuracy" in result:
+        print(f"class acc. {result['class_accuracy']:.2%}  (classified as their conditioning label)")
     if args.sfid:
         print(f"sFID       {result['sfid']:.4f}")
     if args.isc:
@@ -109,15 +128,19 @@ def run_fid(args, argv):
 def run_ref(args, argv):
     if bool(args.sources) == bool(args.data):
         raise SystemExit("ref: give either image sources (npz / folders) or --data NAME, not both or neither")
-    if args.data:
+    if args.split != "all" and args.data != "digits":
+        raise SystemExit("ref: --split train|heldout is the digits network's split; it needs --data digits")
+    if args.data == "digits" and args.split != "all":
+        sources = [digits_source(args.split)]
+    elif args.data:
         sources = [dataset_source(args.data, path=args.data_path, image_size=args.image_size,
                                   num_workers=args.workers)]
     else:
         sources = [open_source(s) for s in args.sources]
     info = build_reference(
-        sources, args.out, num_samples=args.num_samples, save_features=args.save_features,
-        inception_weights=args.inception_weights, device=args.device, batch_size=args.batch_size,
-        download=not args.no_download, progress=not args.quiet,
+        sources, args.out, num_samples=args.num_samples, save_features=args.save_features, device=args.device,
+        batch_size=args.batch_size, download=not args.no_download, progress=not args.quiet, features=args.features,
+        weights=args.weights or args.inception_weights,
     )
     info.update(sources=[s.name for s in sources], **_stamp(argv))
     meta = info["path"][:-4] + ".json"
@@ -126,12 +149,22 @@ def run_ref(args, argv):
     return info
 
 
+def run_train_digits(args):
+    from .digits import WEIGHTS, save_digits_net, train_digits_net
+    payload = save_digits_net(train_digits_net(progress=True), args.out or WEIGHTS)
+    print(f"wrote {args.out or WEIGHTS}: held-out accuracy {payload['held_out_accuracy']:.2%}, "
+          f"sha256 {payload['sha256'][:16]}…")
+    return payload
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
+        if args.command == "train-digits":
+            return run_train_digits(args)
         return run_fid(args, argv) if args.command == "fid" else run_ref(args, argv)
-    except MissingInceptionWeights as e:
+    except (MissingInceptionWeights, MissingDINOv2Weights) as e:
         print(e, file=sys.stderr)
         raise SystemExit(2) from None
 

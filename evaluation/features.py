@@ -153,6 +153,9 @@ class InceptionFeatures:
     Weights: `weights_path`, else torch's hub cache, else a download (see resolve_inception_weights).
     """
 
+    name = "inception"
+    fid_layer, is_layer, spatial_layer = FID_LAYER, IS_LAYER, SFID_LAYER
+
     def __init__(self, weights_path=None, device=None, batch_size=64, layers=(FID_LAYER,), download=True):
         self.weights_path = resolve_inception_weights(weights_path, download=download)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -205,3 +208,35 @@ class InceptionFeatures:
             "weights": os.path.abspath(self.weights_path),
             "weights_sha256": file_sha256(self.weights_path),
         }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The feature networks behind one interface
+# ---------------------------------------------------------------------------------------------------------
+
+FEATURE_NETWORKS = ("inception", "digits", "dinov2")
+# (FID / precision-recall layer, logits layer for IS and class accuracy, spatial layer for sFID) of each network.
+NETWORK_LAYERS = {"inception": (FID_LAYER, IS_LAYER, SFID_LAYER), "digits": ("pool", "logits", None),
+                  "dinov2": ("cls", None, None)}
+
+
+def network_layers(features):
+    """(fid_layer, is_layer, spatial_layer) of a feature network, by name (None where it has no such layer)."""
+    if features not in NETWORK_LAYERS:
+        raise ValueError(f"unknown feature network {features!r}; choose one of {', '.join(FEATURE_NETWORKS)}")
+    return NETWORK_LAYERS[features]
+
+
+def build_features(features="inception", weights=None, device=None, batch_size=64, layers=None, download=True):
+    """The feature network called `features`, with the InceptionFeatures interface (call, iterate, provenance,
+    fid_layer / is_layer / spatial_layer). weights: a local weights file (inception: torch-fidelity's file, else
+    the hub cache or a download; digits: the shipped file; dinov2: required). layers: default its FID layer."""
+    network_layers(features)  # a clear error for an unknown name
+    if features == "inception":
+        return InceptionFeatures(weights, device=device, batch_size=batch_size,
+                                 layers=layers or (FID_LAYER,), download=download)
+    if features == "digits":
+        from .digits import DigitsFeatures
+        return DigitsFeatures(weights, device=device, batch_size=max(batch_size, 256), layers=layers or ("pool",))
+    from .dinov2 import DINOv2Features
+    return DINOv2Features(weights, device=device, batch_size=batch_size, layers=layers or ("cls",))

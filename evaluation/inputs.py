@@ -17,12 +17,14 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 class ImageSource:
-    """A sized, re-iterable source of uint8 (N, C, H, W) batches; `name` says where it came from."""
+    """A sized, re-iterable source of uint8 (N, C, H, W) batches; `name` says where it came from. `labels`: the
+    (N,) int64 class labels when the source has them (a samples npz's arr_1, a labelled dataset), else None."""
 
-    def __init__(self, name, length, make_batches):
+    def __init__(self, name, length, make_batches, labels=None):
         self.name = name
         self.length = length
         self._make_batches = make_batches  # (batch_size, limit) -> iterator of batches
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
 
     def __len__(self):
         return self.length
@@ -53,7 +55,9 @@ class ImageSource:
                     x = np.frombuffer(buf, dtype=np.uint8).reshape(n, *shape[1:])
                     yield torch.from_numpy(x.copy()).permute(0, 3, 1, 2)  # NHWC -> NCHW
 
-        return cls(path, shape[0], make_batches)
+        with np.load(path) as f:  # the labels are small: (N,) int64
+            labels = f["arr_1"] if key == "arr_0" and "arr_1" in f.files else None
+        return cls(path, shape[0], make_batches, labels)
 
     @classmethod
     def from_folder(cls, path):
@@ -92,10 +96,12 @@ class ImageSource:
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 yield x if x.dtype == torch.uint8 else to_uint8(x)
 
-        return cls(name or type(dataset).__name__, len(dataset), make_batches)
+        labels = getattr(dataset, "labels", None)
+        return cls(name or type(dataset).__name__, len(dataset), make_batches,
+                   None if labels is None else np.asarray(labels))
 
     @classmethod
-    def from_array(cls, images, name="array"):
+    def from_array(cls, images, name="array", labels=None):
         """uint8 images already in memory, (N, C, H, W) tensor or (N, H, W, C) numpy array (ADM's layout)."""
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images).permute(0, 3, 1, 2)
@@ -103,7 +109,7 @@ class ImageSource:
         def make_batches(batch_size, limit):
             yield from images[:limit].split(batch_size)
 
-        return cls(name, images.shape[0], make_batches)
+        return cls(name, images.shape[0], make_batches, labels)
 
 
 def to_uint8(x):

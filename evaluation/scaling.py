@@ -1,12 +1,12 @@
 """Scaling plots in the manner of the DiT paper (Peebles & Xie 2023, Figs. 2, 6, 8, 9): quality against
-training steps, model Gflops and training compute, with a power-law fit.
+training steps, model Gflops and training compute, one series and one power-law fit per model family (DiT, U-Net).
 
     python -m evaluation.scaling runs/scaling-digits                 # a sweep folder (searched recursively)
     python -m evaluation.scaling runs/a runs/b --out plots/ --metric mse --last 5 --wandb
 
 A run folder is any folder holding `metrics.jsonl` (what train.py writes) and, beside it, `config.yaml` (the
-resolved config: model name and batch size). The quality metric is FID when every run logged one, else the
-training loss averaged over the last K logged rows (each row is already a mean over `train.log_every` steps):
+resolved config: model name and batch size). The quality metric is FID when every run logged one (in-loop FID
+with any feature network: Inception, digits, DINOv2), else the training loss averaged over the last K logged rows (each row is already a mean over `train.log_every` steps):
 a single diffusion loss value is too noisy to compare models by. `--metric mse` uses the loss's MSE term
 alone, which leaves out the high-variance variational-bound term. Models are compared at one training step
 (the last one every run reached, or --step), as the paper compares them at 400K steps. Training compute is
@@ -48,6 +48,12 @@ class Run:
     gflops: float | None           # forward Gflops per image, as logged by train.py
     params: int | None
     rows: list = field(default_factory=list)
+
+    @property
+    def family(self):
+        """The model family, from the name: "DiT-S/2" -> "DiT", "UNet-S" -> "U-Net" (anything else: its prefix)."""
+        prefix = self.model.split("-")[0]
+        return "U-Net" if prefix.lower() == "unet" else prefix
 
 
 def train_compute(gflops, batch_size, steps):
@@ -111,6 +117,38 @@ def load_run(run_dir, root=None):
     return Run(path=run_dir, name=name, model=model, batch_size=batch, gflops=gflops, params=params, rows=rows)
 
 
+def score_final(run, features="digits", reference=None, num_samples=1000, weights=None, sample_args=()):
+    """Score a run's newest checkpoint: sample it with sample.py (EMA weights, its objective's default sampler
+    unless sample_args say otherwise), then FID in `features` against `reference` (digits: the train split when
+    None). The result is kept in <run>/samples/scaling-final-<features>/fid.json, so a re-run reuses it, and added
+    to the run's rows as an FID row at the checkpoint's step."""
+    import subprocess
+
+    from utils.checkpoint import latest_checkpoint
+    from .evaluator import evaluate
+    ckpt = latest_checkpoint(run.path / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run.path} has no checkpoint to score; drop --score-final or train it first")
+    out = run.path / "samples" / f"scaling-final-{features}"
+    cached = out / "fid.json"
+    row = json.loads(cached.read_text()) if cached.exists() else None
+    if row is None or row.get("ckpt") != ckpt.name or row.get("fid_samples") != num_samples:
+        root = Path(__file__).resolve().parents[1]
+        subprocess.run([sys.executable, str(root / "sample.py"), f"ckpt={ckpt}", f"num_samples={num_samples}",
+                        f"out={out}", *sample_args], check=True)
+        if reference is None and features == "digits":
+            from .digits import digits_reference
+            reference = digits_reference()
+        if reference is None:
+            raise ValueError(f"--score-final with --features {features} needs --ref (reference statistics)")
+        result = evaluate(out / "samples.npz", reference, features=features, weights=weights, progress=False)
+        row = {"step": int(ckpt.stem), "fid": result["fid"], "fid_samples": num_samples, "fid_features": features,
+               "ckpt": ckpt.name, **({"class_accuracy": result["class_accuracy"]} if "class_accuracy" in result else {})}
+        cached.write_text(json.dumps(row, indent=2))
+    run.rows = [r for r in run.rows if "fid" not in r] + [row]
+    return row
+
+
 def load_runs(paths):
     """Runs found under `paths`, named by their path below the common folder of all of them."""
     dirs = find_runs(paths)
@@ -135,9 +173,9 @@ def choose_metric(runs, metric="auto"):
     return "fid" if all(any("fid" in r for r in run.rows) for run in runs) else "loss"
 
 
-def metric_label(metric, last):
+def metric_label(metric, last, features=None):
     if metric == "fid":
-        return "FID"
+        return "FID" if features in (None, "inception") else f"FD ({features} features)"
     term = "training loss" if metric == "loss" else "training MSE"
     return f"{term} (mean of last {last} logged rows)"
 
@@ -210,16 +248,28 @@ def summarize(runs, metric="auto", last=5, max_step=None):
         if len(values) == 0:
             print(f"scaling: {run.name} logged no {metric!r} at or before step {step}; left out", file=sys.stderr)
             continue
-        records.append(dict(run=run.name, model=run.model, params=run.params, gflops=run.gflops,
+        records.append(dict(run=run.name, model=run.model, family=run.family, params=run.params, gflops=run.gflops,
                             steps=int(steps[-1]), batch_size=run.batch_size, train_compute_gflops=float(compute[-1]),
                             value=float(values[-1])))
     records.sort(key=lambda r: (r["gflops"] if r["gflops"] is not None else math.inf, r["run"]))
-    fits = {}
-    for key in ("gflops", "train_compute_gflops"):
-        a, b, r2 = fit_power_law([r[key] if r[key] is not None else math.nan for r in records],
-                                 [r["value"] for r in records])
-        fits[key] = dict(a=a, b=b, r2=r2)
-    return dict(metric=metric, label=metric_label(metric, last), last=last, step=step, records=records, fits=fits)
+
+    def fits_of(rows):
+        out = {}
+        for key in ("gflops", "train_compute_gflops"):
+            a, b, r2 = fit_power_law([r[key] if r[key] is not None else math.nan for r in rows],
+                                     [r["value"] for r in rows])
+            out[key] = dict(a=a, b=b, r2=r2, runs=len(rows))
+        return out
+    families = sorted({r["family"] for r in records})
+    # One fit per family (the paper's DiT-vs-U-Net comparison); `fits` is over all runs (one family: the same).
+    family_fits = {f: fits_of([r for r in records if r["family"] == f]) for f in families}
+    networks = {r.get("fid_features", "inception") for run in runs for r in run.rows if "fid" in r}
+    if metric == "fid" and len(networks) > 1:
+        raise ValueError(f"the runs logged FID in different feature spaces ({', '.join(sorted(networks))}), which "
+                         f"are not comparable; collect them separately or rescore with --score-final --features ...")
+    features = next(iter(networks)) if metric == "fid" and networks else None
+    return dict(metric=metric, label=metric_label(metric, last, features), last=last, step=step, records=records,
+                fits=fits_of(records), families=families, family_fits=family_fits)
 
 
 #################################################################################
@@ -239,21 +289,24 @@ def markdown_table(summary):
     records = summary["records"]
     models = [r["model"] for r in records]
     show_run = len(set(models)) < len(models) or any(r["run"] != r["model"].replace("/", "-") for r in records)
-    head = (["run"] if show_run else []) + ["model", "params", "Gflops", "steps", "batch", "training compute (Gflops)",
-                                            summary["label"]]
+    head = (["run"] if show_run else []) + ["model", "family", "params", "Gflops", "steps", "batch",
+                                            "training compute (Gflops)", summary["label"]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         cells = ([r["run"]] if show_run else []) + [
-            r["model"], _fmt_params(r["params"]), _fmt(r["gflops"], ".4g"), str(r["steps"]), _fmt(r["batch_size"], "d"),
-            _fmt(r["train_compute_gflops"], ".3e"), _fmt(r["value"], ".4f")]
+            r["model"], r["family"], _fmt_params(r["params"]), _fmt(r["gflops"], ".4g"), str(r["steps"]),
+            _fmt(r["batch_size"], "d"), _fmt(r["train_compute_gflops"], ".3e"), _fmt(r["value"], ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    for key, what in (("gflops", "Gflops"), ("train_compute_gflops", "training compute")):
-        f = summary["fits"][key]
-        lines.append(f"Power-law fit against {what}: {summary['label']} = {_fmt(f['a'], '.4g')} · "
-                     f"x^{_fmt(f['b'], '.4f')} (R² = {_fmt(f['r2'], '.3f')}, {len(records)} runs at step "
-                     f"{summary['step']:,})")
-        lines.append("")
+    groups = [(f"{f}: ", summary["family_fits"][f]) for f in summary["families"]] if len(summary["families"]) > 1 \
+        else [("", summary["fits"])]
+    for prefix, fits in groups:
+        for key, what in (("gflops", "Gflops"), ("train_compute_gflops", "training compute")):
+            f = fits[key]
+            lines.append(f"{prefix}Power-law fit against {what}: {summary['label']} = {_fmt(f['a'], '.4g')} · "
+                         f"x^{_fmt(f['b'], '.4f')} (R² = {_fmt(f['r2'], '.3f')}, {f['runs']} runs at step "
+                         f"{summary['step']:,})")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -265,12 +318,21 @@ def _colors(runs):
     return {run.name: cmap(i / max(len(order) - 1, 1) * 0.9) for i, run in enumerate(order)}
 
 
-def _fit_line(ax, xs, f, label_x):
-    if not math.isfinite(f["b"]):
+FAMILY_STYLE = {"DiT": ("o", "-", "k"), "U-Net": ("s", "--", "tab:red")}  # marker, line style, fit colour
+
+
+def _style(family):
+    return FAMILY_STYLE.get(family, ("^", ":", "tab:blue"))
+
+
+def _fit_line(ax, xs, f, label_x, family=None):
+    if not xs or not math.isfinite(f["b"]):
         return
     grid = np.geomspace(min(xs), max(xs), 50)
-    ax.plot(grid, f["a"] * grid ** f["b"], "k--", lw=1,
-            label=f"fit: y = {f['a']:.3g} · {label_x}^{f['b']:.3f}  (R² = {f['r2']:.2f})")
+    _, _, color = _style(family)
+    name = f"{family} fit" if family else "fit"
+    ax.plot(grid, f["a"] * grid ** f["b"], "--", color=color, lw=1,
+            label=f"{name}: y = {f['a']:.3g} · {label_x}^{f['b']:.3f}  (R² = {f['r2']:.2f})")
 
 
 def _tidy_log_axes(ax):
@@ -295,13 +357,24 @@ def plot(runs, summary, out_dir):
     shown = [run for run in runs if run.name in by_name]
     shown.sort(key=lambda run: (run.gflops if run.gflops is not None else math.inf, run.name))
 
+    families = summary["families"]
+    several = len(families) > 1
+
     def legend_name(run):
         return f"{run.name} ({_fmt(run.gflops, '.3g')} Gflops)"
+
+    def fits(ax, key, label_x):
+        """One fit line per family over the points the fit used."""
+        for family in families:
+            xs = [r[key] for r in summary["records"] if r["family"] == family and r[key] is not None
+                  and math.isfinite(r[key])]
+            _fit_line(ax, xs, summary["family_fits"][family][key], label_x, family if several else None)
 
     def steps_panel(ax):
         for run in shown:
             steps, _, values = curve(run, metric, last)
-            ax.plot(steps, values, "-o", ms=2.5, color=colors[run.name], label=legend_name(run))
+            marker, line, _ = _style(run.family)
+            ax.plot(steps, values, line, marker=marker, ms=2.5, color=colors[run.name], label=legend_name(run))
         if any(r.rows and max(row.get("step", 0) for row in r.rows) > summary["step"] for r in shown):
             ax.axvline(summary["step"], color="grey", ls=":", lw=1, label=f"compared at step {summary['step']:,}")
         ax.set(xlabel="training steps", ylabel=label, yscale="log", title=f"{label.split(' (')[0]} vs training steps")
@@ -309,10 +382,9 @@ def plot(runs, summary, out_dir):
     def gflops_panel(ax):
         records = [r for r in summary["records"] if r["gflops"] is not None]
         for r in records:
-            ax.scatter(r["gflops"], r["value"], s=40, color=colors[r["run"]], zorder=3)
+            ax.scatter(r["gflops"], r["value"], s=40, color=colors[r["run"]], marker=_style(r["family"])[0], zorder=3)
             ax.annotate(r["model"], (r["gflops"], r["value"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        if records:
-            _fit_line(ax, [r["gflops"] for r in records], summary["fits"]["gflops"], "Gflops")
+        fits(ax, "gflops", "Gflops")
         ax.margins(x=0.15, y=0.1)  # room for the labels
         ax.set(xlabel="model Gflops (forward, per image)", ylabel=label, xscale="log", yscale="log",
                title=f"{label.split(' (')[0]} at step {summary['step']:,} vs model Gflops")
@@ -320,12 +392,12 @@ def plot(runs, summary, out_dir):
     def compute_panel(ax):
         for run in shown:
             _, compute, values = curve(run, metric, last)
-            ax.plot(compute, values, "-", color=colors[run.name], label=legend_name(run))
+            marker, line, _ = _style(run.family)
+            ax.plot(compute, values, line, color=colors[run.name], label=legend_name(run))
             r = by_name[run.name]  # the compared point (the fit's data)
-            ax.scatter([r["train_compute_gflops"]], [r["value"]], s=40, color=colors[run.name], zorder=3)
-        records = [r for r in summary["records"] if math.isfinite(r["train_compute_gflops"])]
-        if records:
-            _fit_line(ax, [r["train_compute_gflops"] for r in records], summary["fits"]["train_compute_gflops"], "C")
+            ax.scatter([r["train_compute_gflops"]], [r["value"]], s=40, color=colors[run.name], marker=marker,
+                       zorder=3)
+        fits(ax, "train_compute_gflops", "C")
         ax.set(xlabel="training compute C (Gflops = Gflops x 3 x batch x steps)", ylabel=label, xscale="log",
                yscale="log", title=f"{label.split(' (')[0]} vs training compute")
 
@@ -369,17 +441,24 @@ def log_to_wandb(summary, images, out_dir, project="dit", group=None, mode=None)
     step = max((r["steps"] for r in summary["records"]), default=0)
     for key, path in images.items():
         logger.log_image(key, path, step)
-    columns = ["run", "model", "params", "gflops", "steps", "batch_size", "train_compute_gflops", "value"]
+    columns = ["run", "model", "family", "params", "gflops", "steps", "batch_size", "train_compute_gflops", "value"]
     table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in summary["records"]])
     logger.wandb.log({"scaling_table": table, "step": step,
-                      **{f"fit/{k}/{p}": v for k, f in summary["fits"].items() for p, v in f.items()}})
+                      **{f"fit/{k}/{p}": v for k, f in summary["fits"].items() for p, v in f.items()},
+                      **{f"fit/{fam}/{k}/{p}": v for fam, fits in summary["family_fits"].items()
+                         for k, f in fits.items() for p, v in f.items()}})
     logger.finish()
 
 
-def collect(paths, out_dir=None, metric="auto", last=5, max_step=None, wandb=False, project="dit", group=None):
-    """Read the runs under `paths`, write figures, scaling.md and scaling.json into out_dir; return the summary."""
+def collect(paths, out_dir=None, metric="auto", last=5, max_step=None, wandb=False, project="dit", group=None,
+            score=None):
+    """Read the runs under `paths`, write figures, scaling.md and scaling.json into out_dir; return the summary.
+    score: keyword arguments of score_final to score every run's final checkpoint instead of its in-loop FID."""
     paths = [Path(p) for p in paths]
     runs = load_runs(paths)
+    if score is not None:
+        for run in runs:
+            score_final(run, **score)
     if out_dir is None:
         base = paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths]))
         out_dir = base / "scaling"
@@ -410,6 +489,14 @@ def parse_args(argv=None):
     p.add_argument("--last", type=int, default=5, help="loss metrics: mean over the last K logged rows")
     p.add_argument("--step", type=int, default=None,
                    help="compare the models at this training step (default: the last step every run reached)")
+    p.add_argument("--score-final", action="store_true",
+                   help="sample every run's final checkpoint and score it (instead of in-loop FID rows)")
+    p.add_argument("--features", default="digits", choices=("inception", "digits", "dinov2"),
+                   help="--score-final: the feature network (default digits)")
+    p.add_argument("--ref", default=None, help="--score-final: reference statistics (digits: the train split)")
+    p.add_argument("--weights", default=None, help="--score-final: the feature network's weights file")
+    p.add_argument("--num-samples", type=int, default=1000, help="--score-final: samples per run")
+    p.add_argument("--sample-args", nargs="*", default=[], help="--score-final: extra sample.py overrides")
     p.add_argument("--wandb", action="store_true", help="also log the figures and table to W&B")
     p.add_argument("--project", default="dit", help="W&B project")
     p.add_argument("--group", default=None, help="W&B group (e.g. the sweep's logger.group)")
@@ -420,8 +507,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.last < 1:
         raise SystemExit("--last must be at least 1")
+    score = dict(features=args.features, reference=args.ref, num_samples=args.num_samples, weights=args.weights,
+                 sample_args=args.sample_args) if args.score_final else None
     result = collect(args.paths, args.out, metric=args.metric, last=args.last, max_step=args.step,
-                     wandb=args.wandb, project=args.project, group=args.group)
+                     wandb=args.wandb, project=args.project, group=args.group, score=score)
     print(result["table"])
     print(f"wrote {', '.join(p.name for p in result['images'].values())}, scaling.md, scaling.json "
           f"to {result['out_dir']}")

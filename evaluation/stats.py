@@ -131,9 +131,11 @@ def _as_reference(mu, sigma, n=None, source="", spatial=None):
 
 
 def load_reference(path):
-    """Read reference statistics -> {"mu": float64 (D,), "sigma": float64 (D, D)[, "n": int][, "mu_s", "sigma_s"]}.
+    """Read reference statistics -> {"mu": float64 (D,), "sigma": float64 (D, D)[, "n": int][, "mu_s", "sigma_s"]
+    [, "feature_network", "feature_weights_sha256"]}.
 
-    .npz: ADM's files and ours (keys `mu`, `sigma`; `n` and the sFID statistics `mu_s`, `sigma_s` when present).
+    .npz: ADM's files and ours (keys `mu`, `sigma`; `n`, the sFID statistics `mu_s`, `sigma_s` and the network
+    that made them when present; files without `feature_network` hold Inception features).
     .pt: torch-fidelity's cache: a statistics dict (`mu`, `sigma`) or a features tensor (N, D).
     """
     path = os.fspath(path)
@@ -143,7 +145,11 @@ def load_reference(path):
                 raise KeyError(f"{path}: a reference npz needs keys 'mu' and 'sigma', found {sorted(f.keys())}")
             n = f["n"] if "n" in f else None
             spatial = (f["mu_s"], f["sigma_s"]) if "mu_s" in f and "sigma_s" in f else None
-            return _as_reference(f["mu"], f["sigma"], n, path, spatial)
+            out = _as_reference(f["mu"], f["sigma"], n, path, spatial)
+            for key in ("feature_network", "feature_weights_sha256"):  # which network made them (ours only)
+                if key in f:
+                    out[key] = str(f[key])
+            return out
     if path.endswith(".pt") or path.endswith(".pth"):
         # torch-fidelity pickles numpy arrays in its cache, so weights_only=False, as torch-fidelity itself
         # loads them: only read cache files you made or trust.

@@ -226,6 +226,23 @@ EXTRA_SIZES = {"T": dict(model_channels=32, channel_mult=(1, 2, 2), attention_le
 # The DiT each U-Net is matched to.
 DIT_MATCH = {"T": "DiT-T/2", "S": "DiT-S/2", "B": "DiT-B/2", "L": "DiT-L/2", "XL": "DiT-XL/2"}
 
+# Not in any paper: the U-Nets of the CPU scaling study on the digits (experiment=scaling-digits), matched in
+# forward Gflops at the digits' 8x8x1 to DiT-{T,S}/{8,4,2} there (UNet-T matches DiT-T/2 at 8x8 too: -3.5%).
+# Widths 16 and 32 need GroupNorm over 8 groups and 16-channel heads at the smallest sizes:
+#   UNet-T8 0.0047 Gflops (DiT-T/8 0.0042: +13.6%)   UNet-S8 0.0353 (DiT-S/8 0.0324: +8.6%)
+#   UNet-T4 0.0108        (DiT-T/4 0.0122: -11.0%)   UNet-S4 0.1096 (DiT-S/4 0.0963: +13.8%)
+#   UNet-T  0.0430        (DiT-T/2 0.0446: -3.5%)    UNet-S2 0.3848 (DiT-S/2 0.3533: +8.9%)
+_DIGITS = dict(channel_mult=(1, 2, 2), attention_levels=(1, 2))
+DIGITS_SIZES = {
+    "T8": dict(model_channels=16, channel_mult=(1, 2), attention_levels=(1,), num_res_blocks=1, norm_groups=8,
+               head_channels=16),
+    "T4": dict(model_channels=16, num_res_blocks=4, norm_groups=8, head_channels=16, **_DIGITS),
+    "S8": dict(model_channels=32, num_res_blocks=3, **_DIGITS),
+    "S4": dict(model_channels=64, num_res_blocks=2, **_DIGITS),
+    "S2": dict(model_channels=96, num_res_blocks=4, **_DIGITS),
+}
+DIGITS_MATCH = {"T8": "DiT-T/8", "T4": "DiT-T/4", "T": "DiT-T/2", "S8": "DiT-S/8", "S4": "DiT-S/4", "S2": "DiT-S/2"}
+
 # Reference U-Nets the DiT paper compares against (its Sec. 5.1 and Fig. 2 right: "LDM-4 (103.6 Gflops)",
 # "ADM (1120 Gflops)"), each at its own input. Our configs reproduce the published numbers; measured with
 # models.model_stats at the input given in REFERENCE_PUBLISHED, learned sigma on:
@@ -265,4 +282,4 @@ def _constructor(name, config):
 
 # "UNet-B" -> constructor taking the keyword arguments every model takes: UNet_models["UNet-B"](input_size=32).
 UNet_models = {f"UNet-{name}": _constructor(name, config)
-               for name, config in {**UNET_SIZES, **EXTRA_SIZES, **UNET_REFERENCE_SIZES}.items()}
+               for name, config in {**UNET_SIZES, **EXTRA_SIZES, **DIGITS_SIZES, **UNET_REFERENCE_SIZES}.items()}

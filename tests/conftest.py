@@ -16,7 +16,7 @@ CONF = str(ROOT / "conf")
 
 # Small enough for seconds on 2 CPU cores, large enough to exercise every code path.
 TINY = ["logger=none", "device=cpu", "train.steps=4", "train.batch_size=16", "train.log_every=2",
-        "train.ckpt_every=2", "sample.steps=4", "sample.per_class=2"]
+        "train.ckpt_every=2", "sample.steps=4", "sample.per_class=2", "fid.num_samples=50", "fid.batch_size=50"]
 
 
 def compose_config(name="train", overrides=()):

@@ -71,13 +71,40 @@ def test_collector_on_synthetic_sweep(sweep, capsys):
     lines = [line for line in table.splitlines() if line.startswith("| DiT")]
     assert [line.split(" | ")[0][2:] for line in lines] == list(SIZES)  # one row per run, by Gflops
     first = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert first[:5] == ["DiT-S/8", "–", "0.36", "100", "32"]  # no checkpoint: params unknown
-    assert float(first[5]) == pytest.approx(0.36 * 3 * 32 * 100, rel=1e-3)
-    assert float(first[6]) == pytest.approx(COEF * 0.36 ** EXPONENT, abs=1e-4)
+    assert first[:6] == ["DiT-S/8", "DiT", "–", "0.36", "100", "32"]  # no checkpoint: params unknown
+    assert float(first[6]) == pytest.approx(0.36 * 3 * 32 * 100, rel=1e-3)
+    assert float(first[7]) == pytest.approx(COEF * 0.36 ** EXPONENT, abs=1e-4)
     assert "x^-0.3000" in table and "training loss (mean of last 5 logged rows)" in table
     assert table in capsys.readouterr().out
     saved = json.loads((out / "scaling.json").read_text())
     assert [r["model"] for r in saved["records"]] == list(SIZES)
+
+
+def test_collector_fits_each_family_on_a_two_family_sweep(tmp_path):
+    """DiT and U-Net runs with different planted power laws of FID in Gflops: one fit per family recovers each."""
+    planted = {"DiT": (40.0, -0.35), "U-Net": (60.0, -0.2)}
+    models = {"DiT-T/8": 0.05, "DiT-T/4": 0.21, "DiT-T/2": 0.83, "UNet-T": 0.76, "UNet-S": 6.46, "UNet-B": 25.3}
+    for model, gflops in models.items():
+        a, b = planted["U-Net" if model.startswith("UNet") else "DiT"]
+        folder = tmp_path / "sweep" / model.replace("/", "-")
+        write_run(folder, model, gflops, 64, [100, 200], [1.0, 0.9])
+        with open(folder / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 200, "fid": a * gflops ** b, "fid_features": "digits"}) + "\n")
+    result = scaling.collect([tmp_path / "sweep"], out_dir=tmp_path / "out")
+    assert result["metric"] == "fid" and result["label"] == "FD (digits features)"
+    assert result["families"] == ["DiT", "U-Net"]
+    for family, (a, b) in planted.items():
+        fit = result["family_fits"][family]["gflops"]
+        assert fit["b"] == pytest.approx(b, abs=1e-9) and fit["a"] == pytest.approx(a, rel=1e-9) and fit["runs"] == 3
+    assert {r["model"]: r["family"] for r in result["records"]}["UNet-S"] == "U-Net"
+    table = result["table"]
+    assert "DiT: Power-law fit against Gflops" in table and "U-Net: Power-law fit against Gflops" in table
+    assert "x^-0.3500" in table and "x^-0.2000" in table and "| UNet-B | U-Net |" in table
+    # FID in two feature spaces cannot share one axis.
+    with open(tmp_path / "sweep" / "UNet-B" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 200, "fid": 3.0, "fid_features": "inception"}) + "\n")
+    with pytest.raises(ValueError, match="different feature spaces"):
+        scaling.collect([tmp_path / "sweep"], out_dir=tmp_path / "out")
 
 
 def test_collector_prefers_fid_and_recomputes_missing_compute(tmp_path):
@@ -107,16 +134,28 @@ def test_collector_prefers_fid_and_recomputes_missing_compute(tmp_path):
     assert [r["value"] for r in loss["records"]] == [pytest.approx(0.95)] * 3
 
 
+def models_of(name):
+    return yaml.safe_load((ROOT / "conf" / "experiment" / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"][
+        "model"].split(",")
+
+
 def test_sweep_configs_compose():
-    for name, n_models in (("scaling-digits", 5), ("scaling-dit", 12), ("scaling-dit-unet", 8)):
+    # (experiment, models in its sweep, the file whose list it uses: the SiT studies inherit the DiT ones')
+    for name, n_models, source in (("scaling-digits", 12, "scaling-digits"), ("scaling-dit", 12, "scaling-dit"),
+                                   ("scaling-dit-unet", 8, "scaling-dit-unet"), ("scaling-sit", 12, "scaling-dit"),
+                                   ("scaling-sit-unet", 8, "scaling-sit-unet")):
         cfg = compose_config(overrides=[f"experiment={name}"])
         assert cfg.logger.group == name
-        sweep = yaml.safe_load((ROOT / "conf" / "experiment" / f"{name}.yaml").read_text())["hydra"]["sweeper"]
-        models = sweep["params"]["model"].split(",")
+        models = models_of(source)
         assert len(models) == n_models and all((ROOT / "conf" / "model" / f"{m}.yaml").exists() for m in models)
     cfg = compose_config(overrides=["experiment=scaling-dit"])  # the paper's ImageNet 256 recipe, no guidance
     assert cfg.vae.name == "sd-vae-ft-ema" and cfg.train.batch_size == 256 and cfg.optim.lr == 1e-4
-    assert cfg.sample.cfg_scale == 1.0 and cfg.fid.every == 50000
+    assert cfg.sample.cfg_scale == 1.0 and cfg.fid.every == 50000 and cfg.fid.num_samples == 5000
+    cfg = compose_config(overrides=["experiment=scaling-sit"])  # the same study trained as SiT flows
+    assert cfg.diffusion.objective == "flow" and cfg.diffusion.time_sampling == "uniform" and cfg.sample.sampler == "sde"
+    cfg = compose_config(overrides=["experiment=scaling-digits"])  # the CPU study: digits features, both families
+    assert cfg.fid.every and cfg.threads == 1 and any(m.startswith("UNet") for m in
+                                                        models_of("scaling-digits"))
 
 
 def test_sweep_launches_every_model_with_group_and_tags(tmp_path):
@@ -142,6 +181,7 @@ def test_multirun_on_cpu_then_collector(tmp_path):
         assert config["logger"]["group"] == "scaling-digits"
         assert config["logger"]["tags"][-1] == run.name.split("_")[0]
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "loss" in r]   # (the FD rows at the end come on top)
         assert [r["step"] for r in rows] == [1, 2]
         for r in rows:  # the compute accounting train.py logs: Gflops x 3 x batch x steps
             assert r["train_compute_gflops"] == pytest.approx(r["gflops"] * 3 * 16 * r["step"], rel=1e-12)

@@ -91,6 +91,9 @@ def test_training_writes_checkpoint_metrics_grid_and_config(trained_run):
     assert ckpt["step"] == 4 and ckpt["config"]["train"]["steps"] == 4
     assert ckpt["rng"]["samples_seen"] == 4 * 16
     rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    final = rows.pop()  # the end of the run: the digits default scores its EMA on the digits network's features
+    assert final["step"] == 4 and final["fid_features"] == "digits" and final["fid"] > final["fid_floor"] > 0
+    assert 0 <= final["class_accuracy"] <= 1 and final["fid_samples"] == 50
     assert [r["step"] for r in rows] == [2, 4]
     for key in ("loss", "mse", "vb", "grad_norm", "images_per_sec", "step_time", "lr"):
         assert np.isfinite(rows[-1][key]), key
@@ -147,19 +150,19 @@ def test_finished_run_extends_when_steps_are_raised(tmp_path):
     train_script.train(compose_config(overrides=overrides))
     train_script.train(compose_config(overrides=[*overrides, "train.steps=6"]))
     assert load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 6
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [2, 4, 6]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in rows if "fid" in r] == [4, 6]  # each run's end
 
 
 def test_flow_training_logs_its_terms_and_samples_with_a_flow_sampler(tmp_path):
     run_dir = tmp_path / "flow"
-    train_script.train(compose_config(overrides=[*TINY, "diffusion=flow", "diffusion.cosine_loss=true",
-                                                 f"run_dir={run_dir}"]))
+    train_script.train(compose_config(overrides=[*TINY, "diffusion=flow", f"run_dir={run_dir}"]))
     ckpt = final_state(run_dir)
     assert ckpt["config"]["diffusion"]["objective"] == "flow" and ckpt["model_args"]["learn_sigma"] is False
     assert ckpt["model"]["final_layer.linear.weight"].shape[0] == 2 * 2 * 1   # p^2 * C: no variance channels
-    row = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row["loss"] == pytest.approx(row["mse"] + row["cos"], rel=1e-5) and "vb" not in row
+    row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in line][-1]
+    assert np.isfinite(row["loss"]) and "vb" not in row and "mse" not in row
     out = sample_script.run(compose_config("sample", [f"ckpt={run_dir}", "num_samples=6", "steps=3",
                                                       "device=cpu", "cfg_scale=2", "guidance_low=0.5"]))
     assert out.name == "ode-heun3-cfg2-seed0"  # sampler=auto picks the flow default
@@ -171,6 +174,16 @@ def test_flow_training_logs_its_terms_and_samples_with_a_flow_sampler(tmp_path):
     assert json.loads((sde / "samples.json").read_text())["sde"]["diffusion_form"] == "sigma"
     with pytest.raises(ValueError, match="does not fit a model trained with diffusion.objective=flow"):
         sample_script.run(compose_config("sample", [f"ckpt={run_dir}", "sampler=ddpm", "device=cpu"]))
+
+
+def test_flow_with_the_cosine_loss_on_rgb_logs_both_terms(tmp_path):
+    folder = _image_folder(tmp_path / "imgs")
+    run_dir = tmp_path / "cos"
+    train_script.train(compose_config(overrides=[*TINY, "data=imagefolder", f"data.path={folder}", "data.image_size=8",
+                                                 "data.num_workers=0", "train.batch_size=4", "diffusion=flow",
+                                                 "diffusion.cosine_loss=true", f"run_dir={run_dir}"]))
+    row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in line][-1]
+    assert row["loss"] == pytest.approx(row["mse"] + row["cos"], rel=1e-5) and 0 <= row["cos"] <= 2
 
 
 def test_ddpm_model_refuses_flow_samplers(trained_run):
@@ -214,7 +227,8 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, objective):
     (run_dir / "checkpoints" / ".0000099.pt.tmp123").write_bytes(b"partial")
     run_script(cmd[1:])
     assert_same_state(final_state(tmp_path / "ref"), final_state(run_dir))
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, 13)), "metrics.jsonl must have each step exactly once after the resume"
 
 
@@ -348,8 +362,14 @@ def test_fid_during_training(tmp_path):
 
 
 def test_fid_without_reference_is_refused(tmp_path):
-    cfg = compose_config(overrides=[*TINY, f"run_dir={tmp_path}", "fid.every=2"])
+    """Digits features need no file (the train split is the reference); other networks need a reference."""
+    cfg = compose_config(overrides=[*TINY, f"run_dir={tmp_path}", "fid.every=2", "fid.features=inception"])
     with pytest.raises(ValueError, match="needs fid.reference"):
+        train_script.train(cfg)
+    folder = _image_folder(tmp_path / "imgs")
+    cfg = compose_config(overrides=[*TINY, "data=imagefolder", f"data.path={folder}", "data.image_size=8",
+                                    "fid.features=digits", "fid.every=2", f"run_dir={tmp_path}/r"])
+    with pytest.raises(ValueError, match="fid.features=digits measures 8x8 digits"):
         train_script.train(cfg)
 
 

@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 
 from diffusion import classifier_free_guidance, create_diffusion
 from models import MODELS, UNet_models, create_model, model_stats
-from models.unet import DIT_MATCH, EXTRA_SIZES, REFERENCE_PUBLISHED, UNET_SIZES, UNet
+from models.unet import DIGITS_MATCH, DIT_MATCH, EXTRA_SIZES, REFERENCE_PUBLISHED, UNET_SIZES, UNet
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -152,6 +152,18 @@ def test_gflops_table(size):
     dit = model_stats(lambda: MODELS[DIT_MATCH[size]](**LATENT), (4, 32, 32))
     assert abs(unet["gflops"] / dit["gflops"] - 1) < 0.15, (size, unet, dit)
     assert (round(unet["params"] / 1e6, 1), round(unet["gflops"], 2)) == UNET_TABLE[size], unet
+
+
+@pytest.mark.parametrize("size", list(DIGITS_MATCH))
+def test_digits_unets_match_their_dit_in_gflops_at_8x8(size):
+    """The U-Nets of the CPU scaling study, each within 15% of its DiT's forward Gflops on the 8x8x1 digits."""
+    digits = dict(input_size=8, in_channels=1, num_classes=10)
+    unet = model_stats(lambda: MODELS[f"UNet-{size}"](**digits), (1, 8, 8))
+    dit = model_stats(lambda: MODELS[DIGITS_MATCH[size]](**digits), (1, 8, 8))
+    assert abs(unet["gflops"] / dit["gflops"] - 1) < 0.15, (size, unet, dit)
+    x = torch.randn(2, 1, 8, 8)
+    out = MODELS[f"UNet-{size}"](**digits)(x, torch.tensor([3, 700]), torch.tensor([1, 10]))
+    assert out.shape == (2, 2, 8, 8)
 
 
 def test_table_covers_the_family():
