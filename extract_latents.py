@@ -25,6 +25,7 @@ from data.latents import (LABELS, MANIFEST, ShardWriter, make_manifest, read_man
                           write_labels, write_manifest)
 from models import build_vae
 from utils.distributed import setup_distributed
+from utils.errors import ConfigError, report_user_errors
 
 
 def check_existing(out, manifest):
@@ -35,7 +36,7 @@ def check_existing(out, manifest):
     differ = [k for k in manifest if k not in ("complete", "source") and existing.get(k) != manifest[k]]
     if differ:
         details = "; ".join(f"{k}: cache {existing.get(k)!r}, now {manifest[k]!r}" for k in differ if k != "classes")
-        raise ValueError(f"{out} holds a latent cache made with other settings ({details or 'other classes'}); "
+        raise ConfigError(f"{out} holds a latent cache made with other settings ({details or 'other classes'}); "
                          f"choose another out= or the settings it was made with")
 
 
@@ -52,14 +53,14 @@ def extract(cfg):
     out = Path(cfg.out)
     dataset = build_dataset(**cfg.data)
     if not isinstance(dataset, ImageFolderDataset):
-        raise ValueError(f"data={cfg.data.name}: latent caches are made from image folders (data=imagenet or "
+        raise ConfigError(f"data={cfg.data.name}: latent caches are made from image folders (data=imagenet or "
                          f"data=imagefolder with data.path=...)")
     vae = build_vae(**cfg.vae)
     if vae is None:
-        raise ValueError("vae=none: a latent cache needs a VAE (vae=sd-vae-ft-ema, sd-vae-ft-mse or local)")
+        raise ConfigError("vae=none: a latent cache needs a VAE (vae=sd-vae-ft-ema, sd-vae-ft-mse or local)")
     vae.to(device)
     if cfg.data.image_size % vae.downsample:
-        raise ValueError(f"data.image_size={cfg.data.image_size} is not divisible by the VAE's downsampling "
+        raise ConfigError(f"data.image_size={cfg.data.image_size} is not divisible by the VAE's downsampling "
                          f"factor {vae.downsample}")
     latent_size = cfg.data.image_size // vae.downsample
     manifest = make_manifest(vae=vae.identifier, scaling_factor=vae.scaling_factor, image_size=cfg.data.image_size,
@@ -115,6 +116,7 @@ def extract(cfg):
 
 
 @hydra.main(config_path="conf", config_name="extract", version_base="1.3")
+@report_user_errors
 def main(cfg):
     extract(cfg)
 

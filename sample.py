@@ -28,6 +28,7 @@ from models.dit import DIT_SIZES, EXTRA_SIZES
 from utils.checkpoint import load_checkpoint, resolve_checkpoint
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.images import save_grid, to_uint8
+from utils.errors import ConfigError, report_user_errors
 
 # The VAE of the official DiT checkpoints (latent models at 256 and 512), when no vae= is given.
 OFFICIAL_VAE = Path(__file__).resolve().parent / "conf" / "vae" / "sd-vae-ft-ema.yaml"
@@ -46,16 +47,17 @@ def official_model_args(state_dict):
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
     sizes = {(v["depth"], v["hidden_size"]): v for v in {**DIT_SIZES, **EXTRA_SIZES}.values()}
     if (depth, hidden) not in sizes:
-        raise ValueError(f"the checkpoint's DiT has depth {depth} and width {hidden}, which is no size in "
+        raise ConfigError(f"the checkpoint's DiT has depth {depth} and width {hidden}, which is no size in "
                          f"models/dit.py ({', '.join(f'{d}x{w}' for d, w in sizes)}); add it to the size table")
     return dict(input_size=grid * patch, patch_size=patch, in_channels=in_channels, **sizes[(depth, hidden)],
                 num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
                 learn_sigma=out_channels == 2 * in_channels)
 
 
-def load_sampling_model(path, use_ema=True):
-    """(model, info) from our checkpoint or an official DiT .pt; info has model_args, diffusion kwargs, step."""
-    ckpt = load_checkpoint(path)
+def load_sampling_model(path, use_ema=True, ckpt=None):
+    """(model, info) from our checkpoint or an official DiT .pt (`ckpt`: the file's contents, when already read);
+    info has model_args, diffusion kwargs, step."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     if "model_args" in ckpt:  # ours
         args = dict(ckpt["model_args"])
         vae = args.pop("vae", None)   # how to rebuild the VAE of a latent model; None in pixel space
@@ -70,7 +72,7 @@ def load_sampling_model(path, use_ema=True):
         model.load_state_dict(ckpt, strict=True)
         return model, {"model_args": {"name": "official DiT", **args}, "diffusion": {"learn_sigma": args["learn_sigma"]},
                        "step": None, "weights": "official", "vae": None, "latent": True}
-    raise ValueError(f"{path} is neither a checkpoint of this codebase (keys model/ema/model_args) nor an "
+    raise ConfigError(f"{path} is neither a checkpoint of this codebase (keys model/ema/model_args) nor an "
                      f"official DiT state_dict (key x_embedder.proj.weight); found keys {list(ckpt)[:8]}")
 
 
@@ -81,7 +83,7 @@ def load_decoder(vae_cfg, info, channels):
         vae = build_vae(**vae_cfg)
         if (vae is None) == info["latent"]:
             fix = "choose a VAE to decode its latents" if info["latent"] else "leave out vae="
-            raise ValueError(f"vae={vae_cfg['name']} does not fit a {'latent' if info['latent'] else 'pixel'}-space "
+            raise ConfigError(f"vae={vae_cfg['name']} does not fit a {'latent' if info['latent'] else 'pixel'}-space "
                              f"model; {fix}")
     elif info["vae"] is not None:  # ours: the recorded folder if it is here, else the recorded hub id
         recorded = info["vae"]
@@ -94,7 +96,7 @@ def load_decoder(vae_cfg, info, channels):
     else:
         return None
     if vae.latent_channels != channels:
-        raise ValueError(f"the VAE {vae.identifier} has {vae.latent_channels} latent channels but the model "
+        raise ConfigError(f"the VAE {vae.identifier} has {vae.latent_channels} latent channels but the model "
                          f"takes {channels}; choose the VAE it was trained with (vae=...)")
     return vae
 
@@ -121,8 +123,9 @@ def default_out(ckpt_arg, cfg, options):
 def run(cfg):
     dist = setup_distributed(cfg.device, tf32=cfg.tf32)
     device = dist.device
-    ckpt_path = resolve_checkpoint(cfg.ckpt)
-    model, info = load_sampling_model(ckpt_path, cfg.use_ema)
+    ckpt_path, ckpt = resolve_checkpoint(cfg.ckpt)   # a run folder: its newest checkpoint that loads
+    model, info = load_sampling_model(ckpt_path, cfg.use_ema, ckpt)
+    del ckpt
     model = model.to(device).eval()
     args = info["model_args"]
     num_classes, channels, size = args["num_classes"], args["in_channels"], args["input_size"]
@@ -138,7 +141,7 @@ def run(cfg):
         labels_cycle = [0]
     for label in labels_cycle:
         if not 0 <= label <= num_classes:
-            raise ValueError(f"class label {label} is outside 0..{num_classes} ({num_classes} = the null class)")
+            raise ConfigError(f"class label {label} is outside 0..{num_classes} ({num_classes} = the null class)")
 
     # This rank's contiguous block of sample indices.
     indices = np.array_split(np.arange(cfg.num_samples), dist.world_size)[dist.rank]
@@ -193,6 +196,7 @@ def run(cfg):
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
+@report_user_errors
 def main(cfg):
     run(cfg)
 

@@ -146,8 +146,8 @@ def main():
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
-    ckpt = resolve_checkpoint(args.run)
-    model, info = load_sampling_model(ckpt)
+    ckpt, state = resolve_checkpoint(args.run)
+    model, info = load_sampling_model(ckpt, ckpt=state)
     model = CountingModel(model.to(device).eval())
     objective = info["diffusion"].get("objective", "ddpm")
     samplers = args.samplers or [parse_sampler(s) for s in DEFAULT_SAMPLERS[objective]]

@@ -6,6 +6,7 @@ from .digits import DigitsDataset
 from .imagefolder import ImageFolderDataset, center_crop_arr
 from .latents import LatentCacheDataset, check_cache, read_manifest
 from .sampler import StepSampler
+from utils.errors import ConfigError
 
 DATASETS = ("digits", "imagefolder", "imagenet", "latents")
 
@@ -17,14 +18,14 @@ def build_dataset(name, path=None, image_size=None, **unused):
     """Build a dataset by its conf/data name. Extra config keys (loader settings) are ignored here."""
     if name == "digits":
         if image_size not in (None, 8):
-            raise ValueError(f"the digits are 8x8; data.image_size={image_size} is not supported")
+            raise ConfigError(f"the digits are 8x8; data.image_size={image_size} is not supported")
         return DigitsDataset()
     if name in ("imagefolder", "imagenet"):  # imagenet: the same folder layout, set up for latent diffusion
         if path is None or image_size is None:
-            raise ValueError(f"data={name} needs data.path=/path/to/train (one folder per class) and data.image_size")
+            raise ConfigError(f"data={name} needs data.path=/path/to/train (one folder per class) and data.image_size")
         return ImageFolderDataset(path, image_size)
     if name == "latents":
         if path is None:
-            raise ValueError("data=latents needs data.path=/path/to/cache (a folder written by extract_latents.py)")
+            raise ConfigError("data=latents needs data.path=/path/to/cache (a folder written by extract_latents.py)")
         return LatentCacheDataset(path)
-    raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    raise ConfigError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from utils.errors import BadInput, MissingFile
 
 
 def center_crop_arr(pil_image, image_size):
@@ -27,7 +28,7 @@ def _load_rgb(path):
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except Exception as error:  # PIL raises several types for broken files
-        raise RuntimeError(f"cannot read image {path}: {error}. Remove or replace the file and re-run "
+        raise BadInput(f"cannot read image {path}: {error}. Remove or replace the file and re-run "
                            f"(the run resumes where it stopped).") from error
 
 
@@ -43,12 +44,12 @@ class ImageFolderDataset(ImageFolder):
     def __init__(self, path, image_size):
         root = Path(path)
         if not root.is_dir():
-            raise FileNotFoundError(f"data folder {root} does not exist; set data.path to an ImageNet-layout "
+            raise MissingFile(f"data folder {root} does not exist; set data.path to an ImageNet-layout "
                                     f"folder (one sub-folder of images per class)")
         try:
             super().__init__(str(root), loader=_load_rgb)
         except FileNotFoundError as error:
-            raise FileNotFoundError(f"no images found under {root} ({error}); expected one sub-folder per class "
+            raise MissingFile(f"no images found under {root} ({error}); expected one sub-folder per class "
                                     f"holding files ending in {', '.join(IMG_EXTENSIONS)}") from error
         self.image_size = image_size
         self.num_classes = len(self.classes)

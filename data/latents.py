@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from utils.errors import ConfigError, MissingFile
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -48,7 +49,7 @@ def make_manifest(*, vae, scaling_factor, image_size, latent_channels, latent_si
                   shard_size, dtype, source=None):
     """The manifest of a cache (complete=False until every shard is on disk)."""
     if dtype not in DTYPES:
-        raise ValueError(f"latent cache dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise ConfigError(f"latent cache dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return {"format": FORMAT, "vae": str(vae), "scaling_factor": float(scaling_factor), "image_size": int(image_size),
             "crop": CROP, "flips": FLIPS, "latent_channels": int(latent_channels), "latent_size": int(latent_size),
             "num_images": int(num_images), "num_classes": len(classes), "classes": list(classes),
@@ -80,7 +81,7 @@ def read_manifest(root):
     """The manifest of the cache in folder `root`; a clear error when there is none."""
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no latent cache at {root} (no {MANIFEST}); make one with "
+        raise MissingFile(f"no latent cache at {root} (no {MANIFEST}); make one with "
                                 f"`python extract_latents.py data.path=/data/imagenet/train out={root}`")
     return json.loads(path.read_text())
 
@@ -88,7 +89,7 @@ def read_manifest(root):
 def check_cache(manifest, *, vae, scaling_factor, image_size, source="the latent cache"):
     """Refuse a cache that is incomplete or disagrees with the config (VAE, scaling factor, resolution)."""
     if not manifest.get("complete"):
-        raise ValueError(f"{source} is incomplete (its extraction stopped early); re-run the same extraction "
+        raise ConfigError(f"{source} is incomplete (its extraction stopped early); re-run the same extraction "
                          f"command to finish it (finished shards are kept)")
     problems = []
     if vae is None:
@@ -103,7 +104,7 @@ def check_cache(manifest, *, vae, scaling_factor, image_size, source="the latent
         problems.append(f"it was made at {manifest['image_size']}x{manifest['image_size']} but "
                         f"data.image_size={image_size}")
     if problems:
-        raise ValueError(f"{source} does not fit the config: " + "; ".join(problems) +
+        raise ConfigError(f"{source} does not fit the config: " + "; ".join(problems) +
                          ". Use the settings the cache was made with, or extract a new cache for these settings.")
 
 
@@ -156,12 +157,12 @@ class LatentCacheDataset(Dataset):
     def __init__(self, path):
         self.root = Path(path)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"latent cache folder {self.root} does not exist; set data.path to a folder "
+            raise MissingFile(f"latent cache folder {self.root} does not exist; set data.path to a folder "
                                     f"written by extract_latents.py")
         self.manifest = read_manifest(self.root)
         m = self.manifest
         if m.get("format") != FORMAT:
-            raise ValueError(f"{self.root}: latent cache format {m.get('format')}, this code reads format {FORMAT}")
+            raise ConfigError(f"{self.root}: latent cache format {m.get('format')}, this code reads format {FORMAT}")
         self.num_classes, self.channels, self.image_size = m["num_classes"], m["latent_channels"], m["latent_size"]
         self.resolution, self.shard_size, self.num_images = m["image_size"], m["shard_size"], m["num_images"]
         self.entry_shape = (2, 2 * self.channels, self.image_size, self.image_size)
@@ -181,7 +182,7 @@ class LatentCacheDataset(Dataset):
             array = np.load(path, mmap_mode="r")
             expected = (len(shard_range(index, self.shard_size, self.num_images)), *self.entry_shape)
             if array.shape != expected or array.dtype != np.dtype(self.manifest["dtype"]):
-                raise ValueError(f"{path} holds {array.dtype} {array.shape}, the manifest says "
+                raise ConfigError(f"{path} holds {array.dtype} {array.shape}, the manifest says "
                                  f"{self.manifest['dtype']} {expected}; delete it and re-run the extraction")
             self._shards[index] = array
         return self._shards[index]

@@ -2,6 +2,7 @@
 
 import torch
 from torch.utils.data import Sampler
+from utils.errors import ConfigError
 
 
 class StepSampler(Sampler):
@@ -14,7 +15,7 @@ class StepSampler(Sampler):
 
     def __init__(self, dataset_size, global_batch_size, rank=0, world_size=1, seed=0, start_step=0):
         if global_batch_size % world_size:
-            raise ValueError(f"train.batch_size {global_batch_size} is not divisible by the {world_size} processes")
+            raise ConfigError(f"train.batch_size {global_batch_size} is not divisible by the {world_size} processes")
         self.n, self.B = dataset_size, global_batch_size
         self.b = global_batch_size // world_size
         self.rank, self.seed, self.start_step = rank, seed, start_step

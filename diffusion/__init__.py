@@ -10,6 +10,7 @@ import numpy as np
 from .gaussian_diffusion import GaussianDiffusion
 from .guidance import classifier_free_guidance
 from .schedules import SCHEDULES, get_named_beta_schedule, space_timesteps
+from utils.errors import ConfigError
 
 __all__ = ["GaussianDiffusion", "ModelType", "PathType", "SCHEDULES", "Sampler", "Transport", "WeightType",
            "build_objective", "classifier_free_guidance", "create_diffusion", "create_transport",
@@ -36,7 +37,7 @@ def create_diffusion(
         timestep_respacing = [diffusion_steps]
     kept = sorted(space_timesteps(diffusion_steps, timestep_respacing))
     if kept == [0] and diffusion_steps > 1:
-        raise ValueError(f"timestep_respacing={timestep_respacing!r} keeps only t=0 of {diffusion_steps} steps (evenly "
+        raise ConfigError(f"timestep_respacing={timestep_respacing!r} keeps only t=0 of {diffusion_steps} steps (evenly "
                          f"spaced steps start at 0), so sampling would return the noise; use 2 steps or more")
     # Respaced betas keep alpha_bar at the kept steps: beta_i = 1 - alpha_bar_{k_i} / alpha_bar_{k_{i-1}}.
     # The full process goes through this too, which is what the reference code does (so numbers agree).

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from utils.errors import ConfigError
 
 MEAN_TYPES = ("epsilon", "start_x")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
@@ -30,7 +31,7 @@ class GaussianDiffusion:
                  timestep_map=None):
         for value, allowed in ((model_mean_type, MEAN_TYPES), (model_var_type, VAR_TYPES), (loss_type, LOSS_TYPES)):
             if value not in allowed:
-                raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+                raise ConfigError(f"{value!r} is not one of {', '.join(allowed)}")
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type

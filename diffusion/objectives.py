@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from . import create_diffusion
 from .losses import mean_flat
 from .transport import ModelType, create_transport
+from utils.errors import ConfigError
 
 OBJECTIVES = ("ddpm", "flow")
 TIME_SAMPLING = ("uniform", "logit_normal")
@@ -26,7 +27,7 @@ def objective_name(diffusion_cfg):
     existed have no `objective` key and are DDPM."""
     name = (diffusion_cfg or {}).get("objective", "ddpm")
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown diffusion.objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+        raise ConfigError(f"unknown diffusion.objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     return name
 
 
@@ -38,7 +39,7 @@ def build_objective(diffusion_cfg):
         return DDPMObjective(**kwargs) if name == "ddpm" else FlowObjective(**kwargs)
     except TypeError as error:  # an unknown key: name the valid ones
         cls = DDPMObjective if name == "ddpm" else FlowObjective
-        raise ValueError(f"diffusion (objective={name}): {error}; valid keys: {', '.join(cls.KEYS)}") from None
+        raise ConfigError(f"diffusion (objective={name}): {error}; valid keys: {', '.join(cls.KEYS)}") from None
 
 
 class DDPMObjective:
@@ -79,13 +80,13 @@ class FlowObjective:
     def __init__(self, path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None,
                  time_sampling="uniform", time_mean=0.0, time_std=1.0, cosine_loss=False, time_scale=1.0):
         if time_sampling not in TIME_SAMPLING:
-            raise ValueError(f"unknown diffusion.time_sampling {time_sampling!r}; choose one of "
+            raise ConfigError(f"unknown diffusion.time_sampling {time_sampling!r}; choose one of "
                              f"{', '.join(TIME_SAMPLING)}")
         if time_std <= 0 or time_scale <= 0:
-            raise ValueError(f"diffusion.time_std={time_std} and diffusion.time_scale={time_scale} must be positive")
+            raise ConfigError(f"diffusion.time_std={time_std} and diffusion.time_scale={time_scale} must be positive")
         self.transport = create_transport(path_type, prediction, loss_weight, train_eps, sample_eps)
         if cosine_loss and self.transport.model_type != ModelType.VELOCITY:
-            raise ValueError("diffusion.cosine_loss compares predicted and target velocities; it needs "
+            raise ConfigError("diffusion.cosine_loss compares predicted and target velocities; it needs "
                              "prediction=velocity")
         self.time_sampling, self.time_mean, self.time_std = time_sampling, time_mean, time_std
         self.cosine_loss, self.time_scale = cosine_loss, time_scale
@@ -110,7 +111,7 @@ class FlowObjective:
         if not self.cosine_loss:
             return {"loss": terms["loss"]}
         if x.shape[1] < 2:  # measured on the digits: training collapses (docs/benchmarks.md)
-            raise ValueError(f"diffusion.cosine_loss takes the cosine over the {x.shape[1]} channel(s) of each "
+            raise ConfigError(f"diffusion.cosine_loss takes the cosine over the {x.shape[1]} channel(s) of each "
                              f"position: with one channel it is the sign (+-1), and at a zero prediction its "
                              f"gradient is 1/eps; use it on latents (4+ channels) or set diffusion.cosine_loss=false")
         _, _, target = self.transport.path_sampler.plan(t, noise, x)

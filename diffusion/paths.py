@@ -16,6 +16,7 @@ related by  v(x, t) = (alpha'/alpha) x + D(t) s(x, t)  (Tweedie: E[x0 | x_t] = -
 import math
 
 import torch
+from utils.errors import ConfigError
 
 
 def expand_t_like_x(t, x):
@@ -60,7 +61,7 @@ class LinearPath:
             return 0.25 * (norm * torch.cos(math.pi * t) + 1) ** 2
         if form in ("increasing-decreasing", "inccreasing-decreasing"):  # the second spelling is SiT's code's
             return norm * torch.sin(math.pi * t) ** 2
-        raise ValueError(f"unknown diffusion_form {form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
+        raise ConfigError(f"unknown diffusion_form {form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
 
     def get_score_from_velocity(self, velocity, x, t):
         """s = (r v - x) / (sigma^2 - r sigma' sigma) with r = alpha / alpha' (Linear: (t v - x) / (1 - t))."""

@@ -16,6 +16,7 @@ from . import create_diffusion
 from .guidance import classifier_free_guidance
 from .objectives import build_objective, objective_name
 from .transport import Sampler
+from utils.errors import ConfigError
 
 SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm-solver++"), "flow": ("ode", "sde")}
 # Steps when none are given: DiT's DDPM-250, DDIM-50, DPM-Solver++ 20; SiT's ODE (50 grid points) and SDE-250.
@@ -35,10 +36,10 @@ def resolve_sampler(diffusion_kwargs, sampler="auto", steps=None):
     if sampler not in SAMPLERS[objective]:
         known = [s for names in SAMPLERS.values() for s in names]
         if sampler not in known:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(known)} (or auto)")
+            raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(known)} (or auto)")
         why = ("a flow model has no discrete DDPM process to run" if objective == "flow" else
                "a DDPM model's probability-flow ODE is what ddim (eta=0) and dpm-solver++ integrate")
-        raise ValueError(f"sampler={sampler} does not fit a model trained with diffusion.objective={objective} ({why}); "
+        raise ConfigError(f"sampler={sampler} does not fit a model trained with diffusion.objective={objective} ({why}); "
                          f"use sampler={' | '.join(SAMPLERS[objective])} or sampler=auto")
     return sampler, DEFAULT_STEPS[sampler] if steps is None else int(steps)
 

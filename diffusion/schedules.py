@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+from utils.errors import ConfigError
 
 # Names accepted by `get_named_beta_schedule`; "squaredcos_cap_v2" is the official repositories' name for cosine.
 SCHEDULES = ("linear", "cosine", "squaredcos_cap_v2")
@@ -19,7 +20,7 @@ def get_named_beta_schedule(name, num_diffusion_timesteps):
         return np.linspace(scale * 1e-4, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if name in ("cosine", "squaredcos_cap_v2"):
         return betas_for_alpha_bar(num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
-    raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    raise ConfigError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
@@ -44,14 +45,14 @@ def space_timesteps(num_timesteps, section_counts):
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return set(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot take exactly {desired} steps from {num_timesteps} with an integer stride")
+            raise ConfigError(f"cannot take exactly {desired} steps from {num_timesteps} with an integer stride")
         section_counts = [int(c) for c in section_counts.split(",")]
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start, kept = 0, []
     for i, count in enumerate(section_counts):
         size = size_per + (1 if i < extra else 0)
         if size < count:
-            raise ValueError(f"cannot take {count} steps from a section of {size} steps")
+            raise ConfigError(f"cannot take {count} steps from a section of {size} steps")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         # Accumulate the fractional index (rather than multiply) so the rounding matches the reference code.
         position = 0.0

@@ -23,6 +23,7 @@ from torchdiffeq import odeint
 
 from .losses import mean_flat
 from .paths import DIFFUSION_FORMS, PATHS, GVPPath, LinearPath, VPPath, expand_t_like_x
+from utils.errors import ConfigError
 
 SBDM_T0 = 1e-3   # where the SBDM SDE of a velocity model starts (the eps SiT itself uses for score/noise models)
 
@@ -63,11 +64,11 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
     As in SiT, a given sample_eps counts only together with a given train_eps (alone it is replaced by 1e-3).
     """
     if path_type not in _PATH_TYPES:
-        raise ValueError(f"unknown path_type {path_type!r}; choose one of {', '.join(_PATH_TYPES)}")
+        raise ConfigError(f"unknown path_type {path_type!r}; choose one of {', '.join(_PATH_TYPES)}")
     if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        raise ConfigError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
     if loss_weight not in LOSS_WEIGHTS:
-        raise ValueError(f"unknown loss_weight {loss_weight!r}; choose None, velocity or likelihood")
+        raise ConfigError(f"unknown loss_weight {loss_weight!r}; choose None, velocity or likelihood")
     path, model_type = _PATH_TYPES[path_type], PREDICTIONS[prediction]
     if path == PathType.VP or model_type != ModelType.VELOCITY:
         default_train_eps = 1e-5 if path == PathType.VP else 1e-3
@@ -175,7 +176,7 @@ def shift_time(t, shift):
     if shift == 1:
         return t
     if shift <= 0:
-        raise ValueError(f"time_shift={shift} must be positive (1 = no shift; LightningDiT uses 0.3)")
+        raise ConfigError(f"time_shift={shift} must be positive (1 = no shift; LightningDiT uses 0.3)")
     return shift * t / (1 + (shift - 1) * t)
 
 
@@ -201,13 +202,13 @@ class Sampler:
         generator: a torch.Generator for the noise (default: torch's global RNG, as in SiT).
         """
         if sampling_method not in ("Euler", "Heun"):
-            raise ValueError(f"unknown SDE sampling_method {sampling_method!r}; choose Euler or Heun")
+            raise ConfigError(f"unknown SDE sampling_method {sampling_method!r}; choose Euler or Heun")
         if diffusion_form not in DIFFUSION_FORMS and diffusion_form != "inccreasing-decreasing":
-            raise ValueError(f"unknown diffusion_form {diffusion_form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
+            raise ConfigError(f"unknown diffusion_form {diffusion_form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
         if last_step not in (None, "Mean", "Tweedie", "Euler"):
-            raise ValueError(f"unknown last_step {last_step!r}; choose None, Mean, Tweedie or Euler")
+            raise ConfigError(f"unknown last_step {last_step!r}; choose None, Mean, Tweedie or Euler")
         if num_steps < 2:
-            raise ValueError(f"num_steps={num_steps}: the SDE grid needs at least 2 points")
+            raise ConfigError(f"num_steps={num_steps}: the SDE grid needs at least 2 points")
         if last_step is None:
             last_step_size = 0.0
         transport, path = self.transport, self.transport.path_sampler
@@ -216,7 +217,7 @@ class Sampler:
         if diffusion_form == "SBDM" and t0 == 0 and transport.path_type != PathType.VP:
             t0 = SBDM_T0  # D(0) is infinite on Linear and GVP (SiT starts here and returns NaN)
         if not t0 < t1:
-            raise ValueError(f"the SDE runs from t0={t0} to t1={t1}; use a smaller last_step_size")
+            raise ConfigError(f"the SDE runs from t0={t0} to t1={t1}; use a smaller last_step_size")
         grid = shift_time(torch.linspace(t0, t1, num_steps), time_shift)
 
         def drift_and_diffusion(x, t, model, model_kwargs):
@@ -282,7 +283,7 @@ class Sampler:
         (the trace of the Jacobian, one backward pass per dimension: for small data and for tests).
         """
         if divergence not in ("hutchinson", "exact"):
-            raise ValueError(f"unknown divergence {divergence!r}; choose hutchinson or exact")
+            raise ConfigError(f"unknown divergence {divergence!r}; choose hutchinson or exact")
         drift = self.drift
 
         def likelihood_drift(state, t, model, **model_kwargs):

@@ -19,10 +19,11 @@ import json
 import os
 import sys
 
+from utils.errors import ConfigError, report_user_errors
+
 from .digits import digits_source
-from .dinov2 import MissingDINOv2Weights
 from .evaluator import build_reference, evaluate
-from .features import FEATURE_NETWORKS, MissingInceptionWeights
+from .features import FEATURE_NETWORKS
 from .inputs import dataset_source, open_source, read_sidecar
 
 
@@ -40,6 +41,7 @@ def _common(p):
     p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward pass")
     p.add_argument("--num-samples", type=int, default=None, help="use the first N images (error if fewer)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def parse_args(argv=None):
@@ -75,6 +77,7 @@ def parse_args(argv=None):
 
     p = sub.add_parser("train-digits", help="retrain the digits feature network and rewrite its weights file")
     p.add_argument("--out", default=None, help="weights file (default: evaluation/weights/digits_net.pt)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser.parse_args(argv)
 
 
@@ -127,9 +130,9 @@ def run_fid(args, argv):
 
 def run_ref(args, argv):
     if bool(args.sources) == bool(args.data):
-        raise SystemExit("ref: give either image sources (npz / folders) or --data NAME, not both or neither")
+        raise ConfigError("ref: give either image sources (npz / folders) or --data NAME, not both or neither")
     if args.split != "all" and args.data != "digits":
-        raise SystemExit("ref: --split train|heldout is the digits network's split; it needs --data digits")
+        raise ConfigError("ref: --split train|heldout is the digits network's split; it needs --data digits")
     if args.data == "digits" and args.split != "all":
         sources = [digits_source(args.split)]
     elif args.data:
@@ -158,15 +161,16 @@ def run_train_digits(args):
 
 
 def main(argv=None):
+    """A user mistake (a missing file or weights, a mismatched reference, a bad option) prints one message and exits
+    with status 2; --debug (or HYDRA_FULL_ERROR=1) shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    try:
+
+    def run():
         if args.command == "train-digits":
             return run_train_digits(args)
         return run_fid(args, argv) if args.command == "fid" else run_ref(args, argv)
-    except (MissingInceptionWeights, MissingDINOv2Weights) as e:
-        print(e, file=sys.stderr)
-        raise SystemExit(2) from None
+    return report_user_errors(run, debug=lambda: args.debug)()
 
 
 if __name__ == "__main__":

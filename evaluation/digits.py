@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from utils.errors import ConfigError, MissingFile
 
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits_net.pt"
 SEED = 0
@@ -151,11 +152,11 @@ def load_digits_net(path=None):
     """(network, info) from the shipped weights (or `path`); the stored hash is checked."""
     path = Path(path) if path is not None else WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"the digits feature network's weights {path} are missing; regenerate them with "
+        raise MissingFile(f"the digits feature network's weights {path} are missing; regenerate them with "
                                 f"`python -m evaluation train-digits` (seconds on a CPU)")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if state_sha256(payload["state_dict"]) != payload["sha256"]:
-        raise ValueError(f"{path} does not match its recorded SHA-256 (a damaged file); regenerate it with "
+        raise ConfigError(f"{path} does not match its recorded SHA-256 (a damaged file); regenerate it with "
                          f"`python -m evaluation train-digits`")
     net = DigitsNet()
     net.load_state_dict(payload["state_dict"])
@@ -181,7 +182,7 @@ class DigitsFeatures:
         self.batch_size = batch_size
         unknown = [name for name in layers if name not in self.LAYERS]
         if unknown:
-            raise ValueError(f"unknown digits-network layers {unknown}; choose from {', '.join(self.LAYERS)}")
+            raise ConfigError(f"unknown digits-network layers {unknown}; choose from {', '.join(self.LAYERS)}")
         self.layers = tuple(layers)
 
     def __call__(self, images):
@@ -190,7 +191,7 @@ class DigitsFeatures:
         if images.shape[1] == 3 and bool((images[:, :1] == images).all()):
             images = images[:, :1]  # grey stored as RGB
         if tuple(images.shape[1:]) != (1, 8, 8):
-            raise ValueError(f"the digits feature network takes 8x8 grey images, got {tuple(images.shape[1:])}; "
+            raise ConfigError(f"the digits feature network takes 8x8 grey images, got {tuple(images.shape[1:])}; "
                              f"use --features inception (or dinov2) for other data")
         out = {name: [] for name in self.layers}
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):

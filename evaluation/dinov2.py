@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from utils.errors import ConfigError, MissingFile
 
 MODEL_NAME = "vit_large_patch14_dinov2.lvd142m"
 HUB_ID = "timm/vit_large_patch14_dinov2.lvd142m"
@@ -27,7 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RESOLUTION = 224
 
 
-class MissingDINOv2Weights(FileNotFoundError):
+class MissingDINOv2Weights(MissingFile):
     """The DINOv2 weights file is not on disk."""
 
 
@@ -80,7 +81,7 @@ class DINOv2Features:
 
     def __init__(self, weights_path=None, device=None, batch_size=64, layers=("cls",), model_name=MODEL_NAME):
         if tuple(layers) != ("cls",):
-            raise ValueError(f"DINOv2 features offer the layer 'cls' only (no logits: no IS or class accuracy); "
+            raise ConfigError(f"DINOv2 features offer the layer 'cls' only (no logits: no IS or class accuracy); "
                              f"got {list(layers)}")
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.weights_path = weights_path

@@ -17,6 +17,7 @@ from .fid import fid_from_stats
 from .inputs import ImageSource, open_source
 from .scores import inception_score, precision_recall
 from .stats import FeatureStats, load_reference, save_reference
+from utils.errors import ConfigError
 
 
 def compute_statistics(extractor, batches, total=None, keep=(), progress=True, desc=None, spatial=None):
@@ -35,7 +36,7 @@ def compute_statistics(extractor, batches, total=None, keep=(), progress=True, d
         for name in keep:
             kept[name].append(features[name])
     if stats is None:
-        raise ValueError("there are no images to compute features of")
+        raise ConfigError("there are no images to compute features of")
     return stats, {name: torch.cat(fs) for name, fs in kept.items()}
 
 
@@ -55,12 +56,12 @@ def check_reference(reference, extractor, source):
     Files without a record (ADM's, torch-fidelity's) are Inception statistics."""
     made_by = reference.get("feature_network", "inception")
     if made_by != extractor.name:
-        raise ValueError(f"the reference {source} holds {made_by} features but this evaluation uses "
+        raise ConfigError(f"the reference {source} holds {made_by} features but this evaluation uses "
                          f"{extractor.name} features; pass the matching one (features={made_by}), or make a "
                          f"reference with `python -m evaluation ref ... --features {extractor.name}`")
     recorded, current = reference.get("feature_weights_sha256"), network_identity(extractor)["feature_weights_sha256"]
     if extractor.name == "digits" and recorded and recorded != current:
-        raise ValueError(f"the reference {source} was made with other {made_by}-network weights (sha256 "
+        raise ConfigError(f"the reference {source} was made with other {made_by}-network weights (sha256 "
                          f"{recorded[:12]}, now {current[:12]}); rebuild it with `python -m evaluation ref ... "
                          f"--features {made_by}`")
 
@@ -135,7 +136,7 @@ def _take(sources, num_samples, batch_size):
     """Batches from the sources in order, stopping after num_samples images (all when None)."""
     available = sum(len(s) for s in sources)
     if num_samples is not None and num_samples > available:
-        raise ValueError(f"asked for {num_samples} samples, the inputs hold {available}")
+        raise ConfigError(f"asked for {num_samples} samples, the inputs hold {available}")
     remaining = available if num_samples is None else num_samples
     for source in sources:
         n = min(len(source), remaining)
@@ -159,7 +160,7 @@ def _reference_features(extractor, reference_path, ref_images, batch_size, progr
             if "arr_0" in f:
                 ref_images = ImageSource.from_npz(reference_path)
     if ref_images is None:
-        raise ValueError(f"precision/recall needs reference images or features: {reference_path} has neither "
+        raise ConfigError(f"precision/recall needs reference images or features: {reference_path} has neither "
                          f"(`features` or `arr_0`); pass ref_images (CLI: --ref-images)")
     source = _as_sources(ref_images)
     _, kept = compute_statistics(extractor, _take(source, None, batch_size), total=sum(map(len, source)),
@@ -191,13 +192,13 @@ def evaluate(samples, reference, *, isc=False, prc=False, sfid=False, ref_images
     reference_path = os.path.abspath(os.fspath(reference))
     ref = load_reference(reference_path)
     if sfid and "mu_s" not in ref:
-        raise ValueError(f"sFID needs the reference's spatial statistics (mu_s, sigma_s), which {reference_path} "
+        raise ConfigError(f"sFID needs the reference's spatial statistics (mu_s, sigma_s), which {reference_path} "
                          f"lacks; use ADM's reference batch or rebuild it with `python -m evaluation ref ...`")
     fid_layer, is_layer, spatial_layer = network_layers(features)
     if sfid and spatial_layer is None:
-        raise ValueError(f"sFID is defined on Inception's spatial features; drop --sfid with --features {features}")
+        raise ConfigError(f"sFID is defined on Inception's spatial features; drop --sfid with --features {features}")
     if isc and is_layer is None:
-        raise ValueError(f"the {features} network has no classifier, so no Inception Score; drop --is")
+        raise ConfigError(f"the {features} network has no classifier, so no Inception Score; drop --is")
     labels = _sample_labels(sources, num_samples) if features == "digits" else None  # classes = digit labels
     wants_logits = isc or labels is not None
     layers = (fid_layer,) + ((is_layer,) if wants_logits else ()) + ((spatial_layer,) if sfid else ())

@@ -17,6 +17,8 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
+from utils.errors import MissingFile
+
 EXTRACTOR_NAME = "inception-v3-compat"      # torch-fidelity's registry name for this network
 INCEPTION_URL = URL_INCEPTION_V3
 INCEPTION_FILENAME = os.path.basename(INCEPTION_URL)  # weights-inception-2015-12-05-6726825d.pth
@@ -29,7 +31,7 @@ SFID_CHANNELS = 7
 SFID_DIM = SFID_CHANNELS * 17 * 17          # every input is resized to 299x299 first, so the map is 17x17
 
 
-class MissingInceptionWeights(FileNotFoundError):
+class MissingInceptionWeights(MissingFile):
     """The Inception weights file is not on disk and could not be downloaded."""
 
 

@@ -12,6 +12,7 @@ from math import prod
 
 import numpy as np
 import torch
+from utils.errors import ConfigError, MissingFile
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -32,7 +33,7 @@ class ImageSource:
     def batches(self, batch_size=256, limit=None):
         """Iterate batches covering the first `limit` images (all when None)."""
         if limit is not None and limit > self.length:
-            raise ValueError(f"{self.name}: asked for {limit} images, it has {self.length}")
+            raise ConfigError(f"{self.name}: asked for {limit} images, it has {self.length}")
         return self._make_batches(batch_size, self.length if limit is None else limit)
 
     # -----------------------------------------------------------------------------------------------------
@@ -44,7 +45,7 @@ class ImageSource:
         with _open_npy_member(path, key) as (shape, dtype, _):
             pass
         if len(shape) != 4 or shape[-1] not in (1, 3) or dtype != np.uint8:
-            raise ValueError(f"{path}:{key} must be uint8 (N, H, W, 1 or 3), got {dtype} {shape}")
+            raise ConfigError(f"{path}:{key} must be uint8 (N, H, W, 1 or 3), got {dtype} {shape}")
 
         def make_batches(batch_size, limit):
             with _open_npy_member(path, key) as (shape, dtype, f):
@@ -68,7 +69,7 @@ class ImageSource:
             for root, _, names in os.walk(path) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)
         )
         if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+            raise MissingFile(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
 
         def make_batches(batch_size, limit):
             from PIL import Image
@@ -79,7 +80,7 @@ class ImageSource:
                     with Image.open(os.path.join(path, name)) as im:
                         arrays.append(np.asarray(im.convert("RGB")))
                 if len({a.shape for a in arrays}) > 1:
-                    raise ValueError(f"{path}: images differ in size; resize/crop them first "
+                    raise ConfigError(f"{path}: images differ in size; resize/crop them first "
                                      f"(or build reference statistics from a dataset with a transform)")
                 yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
@@ -124,7 +125,7 @@ def open_source(spec):
         return ImageSource.from_folder(spec)
     if spec.endswith(".npz") and os.path.isfile(spec):
         return ImageSource.from_npz(spec)
-    raise FileNotFoundError(f"{spec}: expected a samples .npz (ADM format) or a folder of images")
+    raise MissingFile(f"{spec}: expected a samples .npz (ADM format) or a folder of images")
 
 
 def dataset_source(name, path=None, image_size=None, num_workers=0):
@@ -170,7 +171,7 @@ class _open_npy_member:
         else:
             shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(self.file)
         if fortran_order:
-            raise ValueError(f"{self.path}:{self.key} is stored in Fortran order; resave with np.savez")
+            raise ConfigError(f"{self.path}:{self.key} is stored in Fortran order; resave with np.savez")
         return shape, dtype, self.file
 
     def __exit__(self, *exc):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from utils.errors import ConfigError, MissingFile
 
 # Folders a run keeps beside metrics.jsonl that never hold other runs; skipped while searching.
 _SKIP_DIRS = {"checkpoints", "samples", "wandb", "__pycache__", ".git"}
@@ -66,7 +67,7 @@ def find_runs(paths):
     found = []
     for root in map(Path, paths):
         if not root.exists():
-            raise FileNotFoundError(f"{root} does not exist; pass run folders or a sweep folder")
+            raise MissingFile(f"{root} does not exist; pass run folders or a sweep folder")
         if root.is_file():  # a metrics.jsonl given directly
             root = root.parent
         for folder, dirs, files in os.walk(root):
@@ -128,7 +129,7 @@ def score_final(run, features="digits", reference=None, num_samples=1000, weight
     from .evaluator import evaluate
     ckpt = latest_checkpoint(run.path / "checkpoints")
     if ckpt is None:
-        raise FileNotFoundError(f"{run.path} has no checkpoint to score; drop --score-final or train it first")
+        raise MissingFile(f"{run.path} has no checkpoint to score; drop --score-final or train it first")
     out = run.path / "samples" / f"scaling-final-{features}"
     cached = out / "fid.json"
     row = json.loads(cached.read_text()) if cached.exists() else None
@@ -140,7 +141,7 @@ def score_final(run, features="digits", reference=None, num_samples=1000, weight
             from .digits import digits_reference
             reference = digits_reference()
         if reference is None:
-            raise ValueError(f"--score-final with --features {features} needs --ref (reference statistics)")
+            raise ConfigError(f"--score-final with --features {features} needs --ref (reference statistics)")
         result = evaluate(out / "samples.npz", reference, features=features, weights=weights, progress=False)
         row = {"step": int(ckpt.stem), "fid": result["fid"], "fid_samples": num_samples, "fid_features": features,
                "ckpt": ckpt.name, **({"class_accuracy": result["class_accuracy"]} if "class_accuracy" in result else {})}
@@ -153,7 +154,7 @@ def load_runs(paths):
     """Runs found under `paths`, named by their path below the common folder of all of them."""
     dirs = find_runs(paths)
     if not dirs:
-        raise FileNotFoundError(f"no metrics.jsonl under {', '.join(map(str, paths))}")
+        raise MissingFile(f"no metrics.jsonl under {', '.join(map(str, paths))}")
     root = Path(os.path.commonpath([d.resolve() for d in dirs]))
     if len(dirs) == 1:
         root = root.parent
@@ -167,7 +168,7 @@ def load_runs(paths):
 def choose_metric(runs, metric="auto"):
     """'auto': FID when every run logged it (the paper's measure), else the training loss."""
     if metric not in METRICS:
-        raise ValueError(f"metric={metric!r}; choose one of {', '.join(METRICS)}")
+        raise ConfigError(f"metric={metric!r}; choose one of {', '.join(METRICS)}")
     if metric != "auto":
         return metric
     return "fid" if all(any("fid" in r for r in run.rows) for run in runs) else "loss"
@@ -265,7 +266,7 @@ def summarize(runs, metric="auto", last=5, max_step=None):
     family_fits = {f: fits_of([r for r in records if r["family"] == f]) for f in families}
     networks = {r.get("fid_features", "inception") for run in runs for r in run.rows if "fid" in r}
     if metric == "fid" and len(networks) > 1:
-        raise ValueError(f"the runs logged FID in different feature spaces ({', '.join(sorted(networks))}), which "
+        raise ConfigError(f"the runs logged FID in different feature spaces ({', '.join(sorted(networks))}), which "
                          f"are not comparable; collect them separately or rescore with --score-final --features ...")
     features = next(iter(networks)) if metric == "fid" and networks else None
     return dict(metric=metric, label=metric_label(metric, last, features), last=last, step=step, records=records,
@@ -465,7 +466,7 @@ def collect(paths, out_dir=None, metric="auto", last=5, max_step=None, wandb=Fal
     out_dir = Path(out_dir)
     summary = summarize(runs, metric, last, max_step)
     if not summary["records"]:
-        raise ValueError(f"no run under {', '.join(map(str, paths))} logged {summary['metric']!r}")
+        raise ConfigError(f"no run under {', '.join(map(str, paths))} logged {summary['metric']!r}")
     images = plot(runs, summary, out_dir)
     table = markdown_table(summary)
     (out_dir / "scaling.md").write_text(table)

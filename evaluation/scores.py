@@ -10,12 +10,13 @@ Both need per-sample features (not just sums), so they are only kept when asked 
 
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
+from utils.errors import ConfigError
 
 
 def inception_score(logits, splits=10, shuffle=True, rng_seed=2020):
     """(mean, std) of the Inception Score over splits of (N, 1008) bias-free logits (torch-fidelity's defaults)."""
     if logits.shape[0] < splits:
-        raise ValueError(f"the Inception Score needs at least splits={splits} samples, got {logits.shape[0]}")
+        raise ConfigError(f"the Inception Score needs at least splits={splits} samples, got {logits.shape[0]}")
     out = isc_features_to_metric(logits.detach().float().cpu(), splits=splits, shuffle=shuffle, rng_seed=rng_seed)
     return out["inception_score_mean"], out["inception_score_std"]
 
@@ -24,7 +25,7 @@ def precision_recall(gen_features, ref_features, neighborhood=3, batch_size=1000
     """(precision, recall) of generated vs reference (N, D) features. Runs on the features' device
     (a GPU makes 50K x 10K distances quick); batch_size bounds the distance blocks kept in memory."""
     if min(gen_features.shape[0], ref_features.shape[0]) <= neighborhood:
-        raise ValueError(f"precision/recall with k={neighborhood} needs more than {neighborhood} samples per set")
+        raise ConfigError(f"precision/recall with k={neighborhood} needs more than {neighborhood} samples per set")
     gen = gen_features.detach().float()
     ref = ref_features.detach().float().to(gen.device)
     out = prc_features_to_metric(

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 import torch
+from utils.errors import ConfigError
 
 
 class FeatureStats:
@@ -58,14 +59,14 @@ class FeatureStats:
     def mean(self):
         """mu = sum f / n, float64 numpy (dim,)."""
         if self.count < 1:
-            raise ValueError("no features accumulated")
+            raise ConfigError("no features accumulated")
         return (self.sum / self.count).cpu().numpy()
 
     def covariance(self):
         """Unbiased Sigma = (sum f f^T - n mu mu^T) / (n - 1), float64 numpy (dim, dim); np.cov's convention."""
         n = self.count
         if n < 2:
-            raise ValueError(f"a covariance needs at least 2 samples, got {n}")
+            raise ConfigError(f"a covariance needs at least 2 samples, got {n}")
         mu = self.sum / n
         sigma = (self.sum_outer - n * torch.outer(mu, mu)) / (n - 1)
         sigma = 0.5 * (sigma + sigma.T)  # f^T f from BLAS is symmetric only up to rounding
@@ -116,7 +117,7 @@ def _moments(mu, sigma, source, suffix=""):
     mu = np.asarray(mu, dtype=np.float64)    # torch-fidelity keeps mu in float32, ADM in float64
     sigma = np.asarray(sigma, dtype=np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{source}: expected mu{suffix} (D,) and sigma{suffix} (D, D), got {mu.shape} and "
+        raise ConfigError(f"{source}: expected mu{suffix} (D,) and sigma{suffix} (D, D), got {mu.shape} and "
                          f"{sigma.shape}")
     return mu, sigma
 
@@ -158,5 +159,5 @@ def load_reference(path):
             return _as_reference(obj["mu"], obj["sigma"], obj.get("n"), path)
         if torch.is_tensor(obj) and obj.ndim == 2:
             return FeatureStats(obj.shape[1]).update(obj).reference()
-        raise ValueError(f"{path}: not torch-fidelity statistics (dict with mu, sigma) or features (N, D)")
-    raise ValueError(f"{path}: reference statistics must be an .npz (ADM / ours) or a torch-fidelity .pt cache file")
+        raise ConfigError(f"{path}: not torch-fidelity statistics (dict with mu, sigma) or features (N, D)")
+    raise ConfigError(f"{path}: reference statistics must be an .npz (ADM / ours) or a torch-fidelity .pt cache file")

@@ -4,6 +4,7 @@ from .dit import BLOCK_TYPES, DIT_SIZES, DiT, DiT_models
 from .flops import count_params, forward_gflops, model_stats
 from .unet import UNet_models
 from .vae import VAE, build_vae
+from utils.errors import ConfigError
 
 # Every buildable model by name: "DiT-XL/2", "UNet-B", ... Each takes input_size, in_channels, num_classes,
 # learn_sigma (and its own extra keyword arguments).
@@ -16,5 +17,5 @@ __all__ = ["BLOCK_TYPES", "DIT_SIZES", "DiT", "DiT_models", "MODELS", "UNet_mode
 def create_model(name, **kwargs):
     """Build the model called `name` (a key of MODELS, e.g. "DiT-XL/2")."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     return MODELS[name](**kwargs)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention, Block
+from utils.errors import ConfigError
 
 BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attn", "in-context")
 
@@ -211,14 +212,14 @@ class DiT(nn.Module):
         super().__init__()
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if height % patch_size or width % patch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"input size {height}x{width} is not divisible by the patch size {patch_size}; "
                 f"choose a patch size that divides it or resize the data (e.g. data.image_size)"
             )
         if block_type not in BLOCK_TYPES:
-            raise ValueError(f"unknown block_type {block_type!r}; choose one of {', '.join(BLOCK_TYPES)}")
+            raise ConfigError(f"unknown block_type {block_type!r}; choose one of {', '.join(BLOCK_TYPES)}")
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.learn_sigma = learn_sigma

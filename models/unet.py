@@ -22,6 +22,7 @@ import torch.nn as nn
 from diffusers import Transformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
+from utils.errors import ConfigError
 
 CONDITIONINGS = ("adagn", "cross-attn")
 
@@ -39,7 +40,7 @@ def check_levels_fit(height, width, channel_mult):
         while height % 2 ** (halvings + 1) == 0 and width % 2 ** (halvings + 1) == 0:
             halvings += 1
         fits = channel_mult[:halvings + 1]
-        raise ValueError(
+        raise ConfigError(
             f"a U-Net with {num_levels} levels halves its input {num_levels - 1} times, so height and width must "
             f"be divisible by {factor}, but the input is {height}x{width}; pass at most {len(fits)} level(s) in "
             f"the model's kwargs (e.g. channel_mult={list(fits)}, with attention_levels among their indices) "
@@ -106,16 +107,16 @@ class UNet(nn.Module):
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         channels = tuple(model_channels * m for m in channel_mult)
         if conditioning not in CONDITIONINGS:
-            raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
+            raise ConfigError(f"unknown conditioning {conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
         if conditioning == "cross-attn" and resblock_updown:
-            raise ValueError("cross-attn conditioning (LDM) down/upsamples with convs: pass resblock_updown=False")
+            raise ConfigError("cross-attn conditioning (LDM) down/upsamples with convs: pass resblock_updown=False")
         check_levels_fit(height, width, channel_mult)
         if any(level not in range(len(channels)) for level in attention_levels):
-            raise ValueError(f"attention_levels {tuple(attention_levels)} must index the {len(channels)} levels")
+            raise ConfigError(f"attention_levels {tuple(attention_levels)} must index the {len(channels)} levels")
         if any(c % norm_groups for c in channels):
-            raise ValueError(f"level widths {channels} must all be divisible by norm_groups={norm_groups}")
+            raise ConfigError(f"level widths {channels} must all be divisible by norm_groups={norm_groups}")
         if head_channels is not None and any(channels[i] % head_channels for i in (*attention_levels, -1)):
-            raise ValueError(f"the widths {channels} of the attention levels and the middle must be divisible by "
+            raise ConfigError(f"the widths {channels} of the attention levels and the middle must be divisible by "
                              f"head_channels={head_channels}")
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels

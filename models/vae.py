@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL
+from utils.errors import ConfigError, MissingFile
 
 _TRUE = ("1", "on", "yes", "true")
 
@@ -88,20 +89,20 @@ class VAE(nn.Module):
             autoencoder = _load_autoencoder(str(local), subfolder, True, cache_dir)
             return cls(autoencoder, identifier or local.resolve(), scaling_factor)
         if source.startswith(("/", ".", "~")) or local.exists():
-            raise FileNotFoundError(f"the VAE folder {source} does not exist; vae.path must be a folder holding the "
+            raise MissingFile(f"the VAE folder {source} does not exist; vae.path must be a folder holding the "
                                     f"AutoencoderKL's config.json and weights (as written by save_pretrained or "
                                     f"`huggingface-cli download <id> --local-dir <folder>`)")
         try:  # the local Hugging Face cache first: no network needed when the weights are there
             autoencoder = _load_autoencoder(source, subfolder, True, cache_dir)
         except OSError as error:
             if local_files_only or hub_offline():
-                raise FileNotFoundError(missing_vae_message(
+                raise MissingFile(missing_vae_message(
                     source, subfolder, "its weights are not in the local Hugging Face cache and downloads are off "
                     "(offline)")) from error
             try:
                 autoencoder = _load_autoencoder(source, subfolder, False, cache_dir)
             except OSError as error:
-                raise FileNotFoundError(missing_vae_message(
+                raise MissingFile(missing_vae_message(
                     source, subfolder, f"it is not in the local Hugging Face cache and the download failed "
                     f"({str(error).splitlines()[0]})")) from error
         return cls(autoencoder, identifier or source, scaling_factor)
@@ -156,6 +157,6 @@ def build_vae(name="none", id=None, path=None, subfolder=None, scaling_factor=No
     if name == "none":
         return None
     if path is None and id is None:
-        raise ValueError(f"vae={name} needs vae.id (a Hugging Face hub id) or vae.path (a local folder)")
+        raise ConfigError(f"vae={name} needs vae.id (a Hugging Face hub id) or vae.path (a local folder)")
     return VAE.from_pretrained(path if path is not None else id, subfolder=subfolder, scaling_factor=scaling_factor,
                                identifier=id)

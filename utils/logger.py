@@ -4,6 +4,7 @@ import json
 import os
 import secrets
 from pathlib import Path
+from .errors import ConfigError
 
 
 def truncate_metrics(path, last_step):
@@ -49,7 +50,7 @@ class RunLogger:
             self.wandb.define_metric("step")
             self.wandb.define_metric("*", step_metric="step")
         elif backend != "none":
-            raise ValueError(f"unknown logger {backend!r}; valid loggers: wandb, none")
+            raise ConfigError(f"unknown logger {backend!r}; valid loggers: wandb, none")
 
     def log(self, metrics):
         with open(self.path, "a") as f:
