@@ -35,8 +35,10 @@ from data import LatentCacheDataset, StepSampler, build_dataset, check_cache
 from diffusion import build_objective
 from diffusion.sampling import sample
 from models import build_vae, create_model, model_stats
-from utils.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from utils.checkpoint import load_model_weights, load_newest, save_checkpoint
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
+from utils.errors import ConfigError, Diverged, report_user_errors
+from utils.guard import StepBoundary, nonfinite
 from utils.images import save_grid, to_uint8
 from utils.logger import RunLogger, truncate_metrics
 from utils.parallel import checkpoint_activations, compile_blocks, full_state_dict, shard_model
@@ -72,10 +74,10 @@ def input_shape(dataset, vae):
     if vae is None or isinstance(dataset, LatentCacheDataset):
         return dataset.channels, dataset.image_size, dataset.image_size
     if dataset.channels != vae.image_channels:
-        raise ValueError(f"the VAE {vae.identifier} encodes {vae.image_channels}-channel images but the data have "
+        raise ConfigError(f"the VAE {vae.identifier} encodes {vae.image_channels}-channel images but the data have "
                          f"{dataset.channels} channel(s); use vae=none for this data")
     if dataset.image_size % vae.downsample:
-        raise ValueError(f"data.image_size={dataset.image_size} is not divisible by the VAE's downsampling factor "
+        raise ConfigError(f"data.image_size={dataset.image_size} is not divisible by the VAE's downsampling factor "
                          f"{vae.downsample}; choose a multiple of {vae.downsample}")
     size = dataset.image_size // vae.downsample
     return vae.latent_channels, size, size
@@ -167,13 +169,13 @@ def fid_scorer(cfg, dataset, device):
     if not (cfg.fid.every or at_end):
         return None, False, None
     if features == "digits" and cfg.data.name != "digits":
-        raise ValueError(f"fid.features=digits measures 8x8 digits; data={cfg.data.name} needs fid.features=inception "
+        raise ConfigError(f"fid.features=digits measures 8x8 digits; data={cfg.data.name} needs fid.features=inception "
                          f"(or dinov2)")
     from evaluation import FIDScorer, digits_floor, digits_reference  # loads the network; missing weights stop here
     reference, floor = cfg.fid.reference, None
     if reference is None:
         if features != "digits":
-            raise ValueError(f"fid.every / fid.at_end with fid.features={features} needs fid.reference=<npz of "
+            raise ConfigError(f"fid.every / fid.at_end with fid.features={features} needs fid.reference=<npz of "
                              f"mu/sigma>; make one with `python -m evaluation ref ... --features {features}`")
         reference = digits_reference()
     if features == "digits":
@@ -210,14 +212,14 @@ def parallelize(model, ema, cfg, dist, device):
         compile_blocks(model)
     if cfg.train.parallel == "fsdp":
         if not torch.distributed.is_initialized():
-            raise ValueError("train.parallel=fsdp shards the model over processes: launch with torchrun "
+            raise ConfigError("train.parallel=fsdp shards the model over processes: launch with torchrun "
                              "(torchrun --nproc_per_node=N train.py ...), or use train.parallel=ddp")
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32  # fp32 gradient reductions always
         shard_model(model, param_dtype=dtype)
         shard_model(ema, param_dtype=dtype)
         return model
     if cfg.train.parallel != "ddp":
-        raise ValueError(f"train.parallel={cfg.train.parallel!r}; choose ddp or fsdp")
+        raise ConfigError(f"train.parallel={cfg.train.parallel!r}; choose ddp or fsdp")
     if dist.world_size > 1:
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
@@ -275,11 +277,11 @@ def check_resume_config(saved, cfg, path):
     saved = {**saved, "diffusion": {"objective": "ddpm", **saved.get("diffusion", {})}}  # runs from before flows
     for key in ("model", "diffusion"):
         if saved.get(key) != current.get(key):
-            raise ValueError(f"{path} was trained with {key}={saved.get(key)} but the config now says "
+            raise ConfigError(f"{path} was trained with {key}={saved.get(key)} but the config now says "
                              f"{key}={current.get(key)}; restore those settings to resume, or set a new run_dir")
     vae_identity = lambda c: {k: (c.get("vae") or {}).get(k) for k in ("name", "id", "scaling_factor")}
     if "vae" in saved and vae_identity(saved) != vae_identity(current):  # vae.path may change, the VAE may not
-        raise ValueError(f"{path} was trained with vae={vae_identity(saved)} but the config now says "
+        raise ConfigError(f"{path} was trained with vae={vae_identity(saved)} but the config now says "
                          f"vae={vae_identity(current)}; restore those settings to resume, or set a new run_dir")
 
 
@@ -320,14 +322,14 @@ def train(cfg):
     stats = model_stats(lambda: build_model(args), shape)
 
     # Resume from the newest complete checkpoint, if any (weights load before any wrapping or sharding).
-    step, opt_state = 0, None
-    ckpt_path = latest_checkpoint(ckpt_dir)
+    step, opt_state, skipped = 0, None, 0
+    # The newest checkpoint that loads; one cut short or damaged is skipped with a warning and set aside.
+    ckpt_path, ckpt = load_newest(ckpt_dir, map_location=device, set_aside=dist.is_main)
     if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
         check_resume_config(ckpt["config"], cfg, ckpt_path)
         load_model_weights(model, ckpt["model"], ckpt_path)
         load_model_weights(ema, ckpt["ema"], ckpt_path)
-        step, opt_state = ckpt["step"], ckpt["opt"]
+        step, opt_state, skipped = ckpt["step"], ckpt["opt"], ckpt.get("skipped_steps", 0)
         del ckpt
     if dist.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", step)
@@ -346,11 +348,11 @@ def train(cfg):
     b, lo = sampler.b, dist.rank * sampler.b   # this rank's slice of the global batch's random draws
     accum = cfg.train.grad_accum
     if accum < 1 or b % accum:
-        raise ValueError(f"train.grad_accum={accum} must be a positive divisor of the batch per process ({b} = "
+        raise ConfigError(f"train.grad_accum={accum} must be a positive divisor of the batch per process ({b} = "
                          f"train.batch_size {global_batch} / {dist.world_size} processes)")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
     if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision={cfg.precision!r}; choose fp32 or bf16")
+        raise ConfigError(f"precision={cfg.precision!r}; choose fp32 or bf16")
 
     scorer, fid_at_end, fid_floor = fid_scorer(cfg, dataset, device)  # before training: errors stop it early
 
@@ -371,9 +373,10 @@ def train(cfg):
                 "model": model_state, "ema": ema_state, "opt": opt_state, "step": step,
                 "config": OmegaConf.to_container(cfg, resolve=True), "model_args": args,
                 # Every random draw derives from (seed, step): the data position and RNG state are the step.
-                "rng": {"seed": cfg.seed, "samples_seen": step * global_batch},
+                "rng": {"seed": cfg.seed, "samples_seen": step * global_batch}, "skipped_steps": skipped,
             }, ckpt_dir, step, keep_last=cfg.train.keep_last)
         barrier()
+        boundary.saved()
 
     def score_fid():
         network = sampling_model(ema, args, fsdp, device, all_ranks=True)
@@ -394,6 +397,7 @@ def train(cfg):
             logger.log_image("samples", path, step, caption=f"EMA samples at step {step}")
         barrier()
 
+    boundary = StepBoundary(cfg.train.ckpt_every_minutes, device).install()  # signals only set a flag
     model.train()
     ema.eval()
     window_start, window_steps, sums = time.perf_counter(), 0, {}
@@ -426,15 +430,28 @@ def train(cfg):
             parts.append({k: v.detach() for k, v in part.items()})
         losses = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip or math.inf)
-        opt.step()
-        update_ema(ema, raw_model, cfg.ema.decay)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        bad = nonfinite(losses["loss"].mean(), grad_norm, device)  # agreed by all ranks, before the update
+        if bad is None:
+            opt.step()
+            update_ema(ema, raw_model, cfg.ema.decay)
+        else:
+            skipped += 1
+            if skipped > cfg.train.skip_nonfinite:
+                if dist.is_main:
+                    logger.finish()
+                raise Diverged(divergence_message(step + 1, bad, ckpt_dir, cfg))
+            opt.zero_grad(set_to_none=True)  # the weights, the optimizer and the EMA stay as they were
+            if dist.is_main:
+                logger.log({"step": step + 1, "skipped": 1, "nonfinite": bad, "skipped_steps": skipped})
         step += 1
         progress.update(1)
+        if bad is not None:
+            continue
 
         for key, value in losses.items():  # loss and the objective's terms (DDPM: mse, vb; flow + cosine: mse, cos)
             sums[key] = sums.get(key, 0.0) + value.mean()
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach()
         window_steps += 1
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -455,8 +472,20 @@ def train(cfg):
                 logger.log(row)
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
             window_start, window_steps, sums = time.perf_counter(), 0, {}
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+        saved = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
+        if saved:
             checkpoint()
+        signum, due = boundary.check()  # a stop signal on any rank, or train.ckpt_every_minutes passed
+        if (signum or due) and not saved:
+            checkpoint()
+        if signum:  # preempted or out of time: the checkpoint is written, stop here; the same command resumes
+            progress.close()
+            if dist.is_main:
+                print(f"received signal {signum} ({signal_name(signum)}): checkpoint written at step {step}; "
+                      f"exiting with {128 + signum} (re-run the same command to resume)", flush=True)
+                logger.finish()
+            cleanup_distributed()
+            boundary.exit(signum)
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and step != cfg.train.steps:
             grid()
         if scorer is not None and cfg.fid.every and step % cfg.fid.every == 0 and step != cfg.train.steps:
@@ -470,8 +499,23 @@ def train(cfg):
             print(quality_line(final, cfg))
     if dist.is_main:
         logger.finish()
+    boundary.restore()
     cleanup_distributed()
     return run_dir
+
+
+def divergence_message(step, quantity, ckpt_dir, cfg):
+    """What stopped the run, where its good state is, and what to try."""
+    kept = sorted(ckpt_dir.glob("[0-9]*.pt"))
+    last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+    return (f"step {step}: the {quantity} is not finite (NaN or inf), so training stopped before the optimizer "
+            f"update ({cfg.train.skip_nonfinite} such step(s) may be skipped: train.skip_nonfinite); {last}, and "
+            f"re-running the same command resumes from it. Lower optim.lr, set optim.grad_clip, or use precision=fp32")
+
+
+def signal_name(signum):
+    import signal
+    return signal.Signals(signum).name
 
 
 def logged_row(path, step, key):
@@ -505,6 +549,7 @@ def _logger_kwargs(cfg):
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@report_user_errors
 def main(cfg):
     train(cfg)
 
