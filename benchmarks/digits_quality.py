@@ -9,8 +9,9 @@ is trained once into <out>/<NAME> with a checkpoint every --ckpt-every steps. It
 checkpoint within each --budgets training time, sample 1000 digits (100 per class, EMA weights) with the sampler of
 the config, and a classifier trained on real digits (an RBF support-vector machine, ~99% accurate on held-out digits)
 labels every sample: the score is the share assigned to the conditioning class. The Frechet distance between
-samples and real digits is measured in the raw 64-pixel space. Both are printed next to the same numbers for real
-held-out digits, the reference a perfect generator would reach.
+samples and real digits is measured in the raw 64-pixel space, and (FD-digits, with its class accuracy) on the
+features of the digits network of evaluation/digits.py, the metric `python train.py` itself reports. Each is printed
+next to the same number for real held-out digits, the reference a perfect generator would reach.
 
 The learning rate is constant after warm-up and every draw is a function of (seed, step), so the checkpoint at step
 k of a longer run is exactly the final checkpoint of a k-step run: one training run per config gives every budget.
@@ -61,7 +62,25 @@ def judge(images, labels):
         "class_match_real_heldout": float((classifier.predict(x_test) == y_test).mean()),
         "frechet_pixels": frechet(samples, x_train),
         "frechet_pixels_real_heldout": frechet(x_test, x_train),
+        **digits_network_scores(images, labels),
     }
+
+
+def digits_network_scores(images, labels):
+    """FD on the digits feature network (evaluation/digits.py) against its train-split reference, and its class
+    accuracy, with the held-out digits' values (the floor) beside them."""
+    sys.path.insert(0, str(ROOT))
+    from evaluation import digits_floor, digits_reference, evaluate
+    from evaluation.inputs import ImageSource
+
+    images = np.asarray(images).reshape(len(images), 8, 8, 1)
+    reference = digits_reference()
+    result = evaluate(ImageSource.from_array(images, labels=np.asarray(labels)), reference, features="digits",
+                      progress=False)
+    floor = digits_floor(reference)
+    return {"fd_digits": result["fid"], "fd_digits_real_heldout": floor["fid"],
+            "class_accuracy_digits_net": result["class_accuracy"],
+            "class_accuracy_digits_net_real_heldout": floor["class_accuracy"]}
 
 
 def parse_config(spec):
@@ -144,18 +163,22 @@ def main():
         (out_root / "digits_quality.json").write_text(json.dumps(results, indent=2))
 
     real = results[0]["final"][0]
-    print(f"\n{'config':16s}{'steps':>7s}{'train s':>9s}{'sampler':>16s}{'cfg':>5s}{'judged':>9s}{'Frechet':>9s}")
+    print(f"\n{'config':16s}{'steps':>7s}{'train s':>9s}{'sampler':>16s}{'cfg':>5s}{'judged':>9s}{'Frechet':>9s}"
+          f"{'FD-digits':>11s}{'net acc.':>10s}")
     for row in results:
         for judged in row["final"]:
             print(f"{row['config']:16s}{row['steps']:7d}{row['train_seconds']:9.0f}{judged['sampler']:>16s}"
-                  f"{judged['cfg_scale']:5g}{judged['class_match']:9.1%}{judged['frechet_pixels']:9.2f}")
-    print(f"{'real held-out digits':53s}{real['class_match_real_heldout']:9.1%}{real['frechet_pixels_real_heldout']:9.2f}")
+                  f"{judged['cfg_scale']:5g}{judged['class_match']:9.1%}{judged['frechet_pixels']:9.2f}"
+                  f"{judged['fd_digits']:11.3f}{judged['class_accuracy_digits_net']:10.1%}")
+    print(f"{'real held-out digits':53s}{real['class_match_real_heldout']:9.1%}{real['frechet_pixels_real_heldout']:9.2f}"
+          f"{real['fd_digits_real_heldout']:11.3f}{real['class_accuracy_digits_net_real_heldout']:10.1%}")
     if any(row["budgets"] for row in results):
-        print(f"\ntime to quality (no guidance): judged as class / Frechet after N seconds of training")
-        print(f"{'config':16s}" + "".join(f"{b:>16g}" for b in args.budgets))
+        print(f"\ntime to quality (no guidance): judged as class / Frechet (pixels) / FD-digits after N s of training")
+        print(f"{'config':16s}" + "".join(f"{b:>23g}" for b in args.budgets))
         for row in results:
             cells = {b["budget_seconds"]: f"{b['class_match']:.1%} / {b['frechet_pixels']:.1f}" for b in row["budgets"]}
-            print(f"{row['config']:16s}" + "".join(f"{cells.get(b, '-'):>16s}" for b in args.budgets))
+            cells = {k: v + f" / {b['fd_digits']:.2f}" for (k, v), b in zip(cells.items(), row["budgets"])}
+            print(f"{row['config']:16s}" + "".join(f"{cells.get(b, '-'):>23s}" for b in args.budgets))
     print(f"results: {out_root / 'digits_quality.json'}")
 
 

@@ -78,7 +78,7 @@ def test_dry_run_prints_the_resolved_config(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_config(overrides=[*TINY, f"run_dir={run_dir}"])
+    cfg = compose_config(overrides=[*TINY, "diffusion=ddpm", f"run_dir={run_dir}"])   # DDPM: the DiT paper's objective
     train_script.train(cfg)
     return run_dir
 
@@ -301,7 +301,7 @@ def test_unreadable_image_names_the_file(tmp_path):
 
 def test_resume_with_another_model_is_refused(trained_run, tmp_path):
     shutil.copytree(trained_run, tmp_path / "run")
-    cfg = compose_config(overrides=[*TINY, "model=DiT-T-4", f"run_dir={tmp_path}/run"])
+    cfg = compose_config(overrides=[*TINY, "diffusion=ddpm", "model=DiT-T-4", f"run_dir={tmp_path}/run"])
     with pytest.raises(ValueError, match="restore those settings to resume, or set a new run_dir"):
         train_script.train(cfg)
 
