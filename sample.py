@@ -123,7 +123,7 @@ def default_out(ckpt_arg, cfg, options):
 def run(cfg):
     dist = setup_distributed(cfg.device, tf32=cfg.tf32)
     device = dist.device
-    ckpt_path, ckpt = resolve_checkpoint(cfg.ckpt)   # a run folder: its newest checkpoint that loads
+    ckpt_path, ckpt = resolve_checkpoint(cfg.ckpt, set_aside=dist.is_main)   # a run folder: its newest that loads
     model, info = load_sampling_model(ckpt_path, cfg.use_ema, ckpt)
     del ckpt
     model = model.to(device).eval()

@@ -69,12 +69,13 @@ def load_newest(folder, map_location="cpu", set_aside=True):
     return None, None
 
 
-def resolve_checkpoint(path, map_location="cpu"):
-    """(path, checkpoint): a checkpoint file, or a run folder's newest checkpoint that loads (see load_newest)."""
+def resolve_checkpoint(path, map_location="cpu", set_aside=True):
+    """(path, checkpoint): a checkpoint file, or a run folder's newest checkpoint that loads (see load_newest;
+    set_aside only on one process)."""
     path = Path(path)
     if path.is_dir():
         folder = path / "checkpoints" if list_checkpoints(path / "checkpoints") else path
-        found, ckpt = load_newest(folder, map_location)
+        found, ckpt = load_newest(folder, map_location, set_aside)
         if found is None:
             raise MissingFile(f"no checkpoint that loads in {path} or {path / 'checkpoints'}; pass a .pt file or a "
                               f"run_dir")
