@@ -17,6 +17,7 @@ data=latents the batches come from a latent cache made once by extract_latents.p
 import copy
 import json
 import math
+import signal
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -35,10 +36,10 @@ from data import LatentCacheDataset, StepSampler, build_dataset, check_cache
 from diffusion import build_objective
 from diffusion.sampling import sample
 from models import build_vae, create_model, model_stats
-from utils.checkpoint import load_model_weights, load_newest, save_checkpoint
+from utils.checkpoint import list_checkpoints, load_model_weights, load_newest, save_checkpoint
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.errors import ConfigError, Diverged, report_user_errors
-from utils.guard import StepBoundary, nonfinite
+from utils.guard import StepBoundary
 from utils.images import save_grid, to_uint8
 from utils.logger import RunLogger, truncate_metrics
 from utils.parallel import checkpoint_activations, compile_blocks, full_state_dict, shard_model
@@ -432,7 +433,8 @@ def train(cfg):
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        bad = nonfinite(losses["loss"].mean(), grad_norm, device)  # agreed by all ranks, before the update
+        # Agreed by all ranks before the update: a non-finite loss or gradient norm, a stop signal, a timed checkpoint.
+        bad, signum, due = boundary.check(losses["loss"].mean(), grad_norm)
         if bad is None:
             opt.step()
             update_ema(ema, raw_model, cfg.ema.decay)
@@ -475,7 +477,6 @@ def train(cfg):
         saved = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
         if saved:
             checkpoint()
-        signum, due = boundary.check()  # a stop signal on any rank, or train.ckpt_every_minutes passed
         if (signum or due) and not saved:
             checkpoint()
         if signum:  # preempted or out of time: the checkpoint is written, stop here; the same command resumes
@@ -506,7 +507,7 @@ def train(cfg):
 
 def divergence_message(step, quantity, ckpt_dir, cfg):
     """What stopped the run, where its good state is, and what to try."""
-    kept = sorted(ckpt_dir.glob("[0-9]*.pt"))
+    kept = list_checkpoints(ckpt_dir)
     last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
     return (f"step {step}: the {quantity} is not finite (NaN or inf), so training stopped before the optimizer "
             f"update ({cfg.train.skip_nonfinite} such step(s) may be skipped: train.skip_nonfinite); {last}, and "
@@ -514,7 +515,6 @@ def divergence_message(step, quantity, ckpt_dir, cfg):
 
 
 def signal_name(signum):
-    import signal
     return signal.Signals(signum).name
 
 

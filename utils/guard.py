@@ -59,11 +59,16 @@ class StepBoundary:
             signal.signal(sig, handler)
         self.previous = {}
 
-    def check(self):
-        """(signal number or 0, whether a wall-clock checkpoint is due), the same on every rank."""
+    def check(self, loss, grad_norm):
+        """One agreement per step, before the optimizer update: (which of loss / gradient norm is not finite on some
+        rank, or None; the stop signal of any rank, or 0; whether a wall-clock checkpoint is due). One small
+        all-reduce and one device-to-host copy, the only synchronisation the guard adds to a step."""
+        finite = torch.stack([loss.detach().float(), grad_norm.detach().float()]).isfinite().tolist()
         due = time.monotonic() - self.last_save >= self.interval
-        signum, due = _agree_max([float(self.signum), float(due)], self.device)
-        return int(signum), bool(due)
+        loss_bad, grad_bad, signum, due = _agree_max(
+            [float(not finite[0]), float(not finite[1]), float(self.signum), float(due)], self.device)
+        bad = "loss" if loss_bad else "gradient norm" if grad_bad else None
+        return bad, int(signum), bool(due)
 
     def saved(self):
         self.last_save = time.monotonic()
@@ -76,13 +81,6 @@ class StepBoundary:
         if callable(previous):
             previous(signum, None)
         sys.exit(128 + signum)
-
-
-def nonfinite(loss, grad_norm, device):
-    """None when the loss and the gradient norm are finite on every rank, else which of them is not."""
-    flags = [0.0 if bool(torch.isfinite(loss)) else 1.0, 0.0 if bool(torch.isfinite(grad_norm)) else 1.0]
-    loss_bad, grad_bad = _agree_max(flags, device)
-    return "loss" if loss_bad else "gradient norm" if grad_bad else None
 
 
 def first_nonfinite_tensor(state, prefix=""):
