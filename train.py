@@ -17,6 +17,7 @@ data=latents the batches come from a latent cache made once by extract_latents.p
 import copy
 import json
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -555,4 +556,8 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    # A launcher's jobs (hydra/launcher=submitit_local | slurm) unpickle this module's functions in a fresh
+    # interpreter started elsewhere: let them import the repository wherever they start.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
+                                                             os.environ.get("PYTHONPATH")]))
     main()

@@ -164,7 +164,7 @@ def test_sampler_benchmark_times_and_judges_every_sampler(tmp_path):
 
     from conftest import TINY, run_script
 
-    run_script(["train.py", *TINY, f"run_dir={tmp_path}/run"])
+    run_script(["train.py", *TINY, "diffusion=ddpm", f"run_dir={tmp_path}/run"])   # DDIM and DPM-Solver++ are DDPM's
     out = run_script(["benchmarks/samplers.py", "--run", f"{tmp_path}/run", "--num-samples", "20", "--batch-size",
                       "10", "--samplers", "ddim:4", "dpm-solver++:3", "--out", f"{tmp_path}/bench"]).stdout
     rows = json.loads((tmp_path / "bench" / "samplers.json").read_text())["results"]

@@ -354,7 +354,7 @@ def test_fid_during_training(tmp_path):
     build_reference(ImageSource.from_array(((real + 1) * 127.5).round().to(torch.uint8)), reference,
                     inception_weights=str(weights), progress=False)
     cfg = compose_config(overrides=[*TINY, f"run_dir={tmp_path}/run", "fid.every=2", "fid.num_samples=12",
-                                    f"fid.reference={reference}", f"fid.inception_weights={weights}"])
+                                    "fid.features=inception", f"fid.reference={reference}", f"fid.inception_weights={weights}"])
     train_script.train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     fids = [r for r in rows if "fid" in r]
