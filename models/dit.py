@@ -7,6 +7,11 @@ official facebookresearch/DiT implementation, so the released checkpoints load w
 Unlike the official code, the network does no label dropout and no classifier-free guidance: both belong
 to the training step and the sampler (see `diffusion/guidance.py`). The label `num_classes` is the null
 (unconditional) class.
+
+LightningDiT's block options (Yao et al. 2025, hustvl/LightningDiT), each off by default: `norm="rmsnorm"`,
+`mlp="swiglu"`, `rope=True` (2-D axial rotary embedding on q and k; the sin-cos `pos_embed` is still added),
+`qk_norm=True` and `wo_shift=True` (adaLN without the shifts). With them on, the state_dict has the official
+LightningDiT key names and shapes (the identity key mapping), so its checkpoints load with `strict=True`.
 """
 
 import math
@@ -15,10 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
-from timm.models.vision_transformer import Attention, Block
+from timm.models.vision_transformer import Attention as TimmAttention
+from timm.models.vision_transformer import Block
 from utils.errors import ConfigError
 
 BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attn", "in-context")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
 
 
 #################################################################################
@@ -26,8 +34,9 @@ BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attn", "in-context")
 #################################################################################
 
 def modulate(x, shift, scale):
-    """adaLN: scale and shift the normalised tokens (N, T, D) by per-sample vectors (N, D)."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN: scale and shift the normalised tokens (N, T, D) by per-sample vectors (N, D); no shift if None."""
+    x = x * (1 + scale.unsqueeze(1))
+    return x if shift is None else x + shift.unsqueeze(1)
 
 
 def approx_gelu():
@@ -52,6 +61,117 @@ def sincos_2d(dim, grid_h, grid_w):
     assert dim % 4 == 0, f"2-D sin-cos embedding needs a width divisible by 4, got {dim}"
     ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
     return torch.cat([sincos_1d(dim // 2, xs), sincos_1d(dim // 2, ys)], dim=1).float()  # (H*W, dim)
+
+
+def rope_tables(head_dim, grid_h, grid_w, theta=10000):
+    """cos and sin tables (T, head_dim) of a 2-D axial rotary embedding for a grid_h x grid_w token grid.
+
+    The first half of a head's channels rotates with the token's row, the second half with its column, at
+    frequencies theta^(-2i/(head_dim/2)); each frequency drives one adjacent channel pair (2i, 2i+1). Tokens are
+    row-major, as PatchEmbed orders them. Positions and frequencies are computed in fp32 exactly as
+    LightningDiT's VisionRotaryEmbeddingFast computes them, so the tables are bit-equal to its buffers.
+    """
+    half = head_dim // 2
+    if head_dim % 4:
+        raise ConfigError(f"rope needs a head width divisible by 4, got {head_dim} (hidden_size / num_heads)")
+    freqs = 1.0 / theta ** (torch.arange(0, half, 2)[: half // 2].float() / half)            # (half/2,)
+
+    def axis(n):
+        pos = torch.arange(n) / n * n                                                          # fp32 positions
+        return (pos[:, None] * freqs[None]).repeat_interleave(2, dim=-1)                      # (n, half)
+    rows, cols = axis(grid_h), axis(grid_w)
+    angles = torch.cat([rows[:, None].expand(grid_h, grid_w, half), cols[None].expand(grid_h, grid_w, half)], -1)
+    angles = angles.reshape(grid_h * grid_w, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each adjacent channel pair of x (N, heads, T, head_dim) by its token's angles; the rotation is
+    computed in the tables' precision and returned in x's dtype."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)   # (x1, x2) -> (-x2, x1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class RoPE2d(nn.Module):
+    """Holds the rotary tables as buffers (saved, under LightningDiT's names freqs_cos / freqs_sin)."""
+
+    def __init__(self, head_dim, grid_h, grid_w):
+        super().__init__()
+        cos, sin = rope_tables(head_dim, grid_h, grid_w)
+        self.register_buffer("freqs_cos", cos)
+        self.register_buffer("freqs_sin", sin)
+
+    def forward(self):
+        return self.freqs_cos, self.freqs_sin
+
+
+#################################################################################
+#                     Normalisation, attention and MLP layers                   #
+#################################################################################
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019), normalised in fp32 whatever x's dtype; the
+    learnable weight starts at 1."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(kind, dim):
+    """The blocks' and the final layer's norm: LayerNorm without affine (DiT) or RMSNorm (LightningDiT)."""
+    return RMSNorm(dim) if kind == "rmsnorm" else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through scaled_dot_product_attention, with optional QK-norm (per head:
+    RMSNorm with norm="rmsnorm", else an affine LayerNorm) and rotary embedding (applied after the QK-norm).
+    With neither, it computes exactly what timm's Attention computes, under the same key names."""
+
+    def __init__(self, dim, num_heads, qk_norm=False, norm="layernorm"):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        make_qk_norm = lambda: (RMSNorm(head_dim) if norm == "rmsnorm" else nn.LayerNorm(head_dim))
+        self.q_norm = make_qk_norm() if qk_norm else nn.Identity()
+        self.k_norm = make_qk_norm() if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope=None):
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        x = F.scaled_dot_product_attention(q, k, v)                                        # (N, h, T, D/h)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class SwiGLU(nn.Module):
+    """w3(silu(a) * b) with (a, b) = w12(x) split in two (Shazeer 2020); LightningDiT's key names."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+def make_mlp(kind, dim, mlp_ratio):
+    """GELU(tanh) MLP of width ratio * dim (DiT), or SwiGLU of width int(2/3 * ratio * dim), which has the same
+    parameters and flops (LightningDiT)."""
+    hidden = int(dim * mlp_ratio)
+    return SwiGLU(dim, int(2 / 3 * hidden)) if kind == "swiglu" else Mlp(dim, hidden, act_layer=approx_gelu)
 
 
 #################################################################################
@@ -110,25 +230,28 @@ class DiTBlock(nn.Module):
     is initialised to zero so every block starts as the identity.
     """
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, gated=True):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, gated=True, norm="layernorm", mlp="gelu",
+                 qk_norm=False, wo_shift=False):
         super().__init__()
-        self.gated = gated
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=approx_gelu)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if gated else 4) * hidden_size))
+        self.gated, self.wo_shift = gated, wo_shift
+        self.norm1 = make_norm(norm, hidden_size)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, norm=norm)
+        self.norm2 = make_norm(norm, hidden_size)
+        self.mlp = make_mlp(mlp, hidden_size, mlp_ratio)
+        # Per branch: shift (unless wo_shift), scale, gate (unless ungated adaLN).
+        self.chunks = (2 if wo_shift else 3) - (0 if gated else 1)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * self.chunks * hidden_size))
 
-    def forward(self, x, c):
-        if self.gated:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-            x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        else:
-            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-            x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+    def forward(self, x, c, rope=None):
+        # In LightningDiT's order: [shift_msa], scale_msa, [gate_msa], [shift_mlp], scale_mlp, [gate_mlp].
+        params = iter(self.adaLN_modulation(c).chunk(2 * self.chunks, dim=1))
+        take = lambda used: next(params) if used else None
+        shift_msa, scale_msa, gate_msa = take(not self.wo_shift), take(True), take(self.gated)
+        shift_mlp, scale_mlp, gate_mlp = take(not self.wo_shift), take(True), take(self.gated)
+        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        x = x + (h if gate_msa is None else gate_msa.unsqueeze(1) * h)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + (h if gate_mlp is None else gate_mlp.unsqueeze(1) * h)
 
 
 class CrossAttention(nn.Module):
@@ -155,7 +278,7 @@ class CrossAttentionBlock(nn.Module):
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.attn = TimmAttention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
         self.cross_attn = CrossAttention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
@@ -171,9 +294,9 @@ class CrossAttentionBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN, then a linear map from each token to its p x p x C_out patch."""
 
-    def __init__(self, hidden_size, patch_size, out_channels):
+    def __init__(self, hidden_size, patch_size, out_channels, norm="layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = make_norm(norm, hidden_size)   # LightningDiT keeps the shift here even with wo_shift
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -194,6 +317,7 @@ class DiT(nn.Module):
         num_classes=0, called with y=None (or all zeros).
     learn_sigma: output 2C channels, epsilon then the variance interpolation v (improved DDPM).
     block_type: "adaLN-Zero" (default), "adaLN", "cross-attn" or "in-context" (paper Fig. 3 / Table 4).
+    norm, mlp, rope, qk_norm, wo_shift: LightningDiT's options for the adaLN blocks (module docstring).
     """
 
     def __init__(
@@ -208,6 +332,11 @@ class DiT(nn.Module):
         num_classes=1000,
         learn_sigma=True,
         block_type="adaLN-Zero",
+        norm="layernorm",
+        mlp="gelu",
+        rope=False,
+        qk_norm=False,
+        wo_shift=False,
     ):
         super().__init__()
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -220,6 +349,14 @@ class DiT(nn.Module):
             raise ConfigError(f"unknown block_type {block_type!r}; choose one of {', '.join(BLOCK_TYPES)}")
         if hidden_size % num_heads:
             raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if norm not in NORMS or mlp not in MLPS:
+            raise ConfigError(f"norm={norm!r}, mlp={mlp!r}: choose norm from {', '.join(NORMS)} and mlp from "
+                              f"{', '.join(MLPS)}")
+        lightning = dict(norm=norm, mlp=mlp, qk_norm=qk_norm, wo_shift=wo_shift)
+        if block_type not in ("adaLN-Zero", "adaLN") and (rope or lightning != dict(
+                norm="layernorm", mlp="gelu", qk_norm=False, wo_shift=False)):
+            raise ConfigError(f"norm, mlp, rope, qk_norm and wo_shift are options of the adaLN blocks; "
+                              f"block_type={block_type} takes none of them")
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.learn_sigma = learn_sigma
@@ -234,15 +371,18 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         # Fixed (not learned) sin-cos positions; a buffer, saved in the state_dict as the official code does.
         self.register_buffer("pos_embed", sincos_2d(hidden_size, *self.grid_size).unsqueeze(0))
+        # Rotary tables shared by every block, under LightningDiT's name; kept beside the absolute positions.
+        self.feat_rope = RoPE2d(hidden_size // num_heads, *self.grid_size) if rope else None
 
         if block_type in ("adaLN-Zero", "adaLN"):
-            make_block = lambda: DiTBlock(hidden_size, num_heads, mlp_ratio, gated=block_type == "adaLN-Zero")
+            make_block = lambda: DiTBlock(hidden_size, num_heads, mlp_ratio, gated=block_type == "adaLN-Zero",
+                                          **lightning)
         elif block_type == "cross-attn":
             make_block = lambda: CrossAttentionBlock(hidden_size, num_heads, mlp_ratio)
         else:  # in-context: t and y are two extra tokens in the sequence of a standard ViT block
             make_block = lambda: Block(hidden_size, num_heads, mlp_ratio, qkv_bias=True, act_layer=approx_gelu)
         self.blocks = nn.ModuleList([make_block() for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -306,8 +446,9 @@ class DiT(nn.Module):
             for block in self.blocks:
                 x = block(x, context)                           # (N, T, D)
         else:
+            rope = self.feat_rope() if self.feat_rope is not None else None   # (cos, sin), each (T, D/h)
             for block in self.blocks:
-                x = block(x, c)                                 # (N, T, D)
+                x = block(x, c, rope)                           # (N, T, D)
         x = self.final_layer(x, c)               # (N, T, p^2 * C_out)
         return self.unpatchify(x)                # (N, C_out, H, W)
 
@@ -344,3 +485,27 @@ def _constructor(size, patch_size):
 
 # "DiT-XL/2" -> constructor, as in the official repository: DiT_models["DiT-XL/2"](input_size=32, num_classes=1000).
 DiT_models = {f"DiT-{s}/{p}": _constructor(s, p) for s in (*DIT_SIZES, *EXTRA_SIZES) for p in PATCH_SIZES}
+
+# LightningDiT (hustvl/LightningDiT): the DiT sizes plus two wider ones, with the options of its shipped config
+# (RMSNorm, SwiGLU, RoPE; QK-norm and wo_shift off). Each option can still be set: LightningDiT-XL/1 with
+# qk_norm=True is LightningDiT's advice when a long run goes NaN. Mini/2 and Mini/4 are for the digits.
+LIGHTNINGDIT_SIZES = {
+    "1p0B": dict(depth=24, hidden_size=1536, num_heads=24),
+    "1p6B": dict(depth=28, hidden_size=1792, num_heads=28),
+}
+LIGHTNINGDIT_OPTIONS = dict(norm="rmsnorm", mlp="swiglu", rope=True)
+LIGHTNINGDIT_NAMES = ("B/1", "B/2", "L/2", "XL/1", "XL/2", "1p0B/1", "1p0B/2", "1p6B/1", "1p6B/2", "Mini/2", "Mini/4")
+
+
+def _lightning_constructor(name):
+    size, patch_size = name.split("/")
+    table = {**DIT_SIZES, **EXTRA_SIZES, **LIGHTNINGDIT_SIZES}
+
+    def build(**kwargs):
+        return DiT(**{"patch_size": int(patch_size), **table[size], **LIGHTNINGDIT_OPTIONS, **kwargs})
+    build.__name__ = f"LightningDiT_{size}_{patch_size}"
+    build.__doc__ = f"LightningDiT-{name}: DiT-{name} with RMSNorm, SwiGLU and RoPE."
+    return build
+
+
+LightningDiT_models = {f"LightningDiT-{name}": _lightning_constructor(name) for name in LIGHTNINGDIT_NAMES}
