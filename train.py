@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import hydra
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from data import LatentCacheDataset, StepSampler, build_dataset, check_cache
 from diffusion import build_objective
+from diffusion.repa import REPA
 from diffusion.sampling import sample
 from models import build_vae, create_model, model_stats
 from utils.checkpoint import list_checkpoints, load_model_weights, load_newest, save_checkpoint
@@ -256,28 +257,54 @@ def sampling_model(ema, args, fsdp, device, all_ranks):
 
 
 @contextmanager
-def gradient_sync(model, enabled):
+def gradient_sync(modules, enabled):
     """Gradient accumulation under DDP or FSDP2: reduce the gradients across processes only when `enabled`."""
-    if enabled:
-        yield
-    elif isinstance(model, DDP):
-        with model.no_sync():
-            yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:  # one process: nothing to reduce
-        yield
+    with ExitStack() as stack:
+        for model in modules if not enabled else ():
+            if isinstance(model, DDP):
+                stack.enter_context(model.no_sync())
+            elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+                model.set_requires_gradient_sync(False)
+                stack.callback(model.set_requires_gradient_sync, True)
+        yield                                                   # one process: nothing to reduce
+
+
+def clip_gradients(groups, max_norm):
+    """Clip the gradients of one or more parameter lists (the network; REPA's projector) by their joint norm, as
+    one list would be, and return that norm. The lists may be sharded differently (FSDP DTensors beside plain
+    tensors), so with several the norms are combined as plain tensors."""
+    full = lambda norm: norm.full_tensor() if hasattr(norm, "full_tensor") else norm   # a DTensor under FSDP
+    if len(groups) == 1:
+        return full(torch.nn.utils.clip_grad_norm_(groups[0], max_norm))
+    norms = [full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])) for params in groups]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if math.isfinite(max_norm):
+        scale = min(1.0, max_norm / (float(total) + 1e-6))   # as clip_grad_norm_ scales (one host copy)
+        for params in groups:
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
+    return total
+
+
+def build_repa(cfg, model, device):
+    """REPA's alignment term (diffusion/repa.py), or None when repa.encoder is null."""
+    if not cfg.repa.encoder:
+        return None
+    if cfg.data.name == "latents":
+        raise ConfigError("repa with data=latents needs the clean images, which a latent cache does not hold; "
+                         "train from images (data=imagefolder with vae=...) for REPA")
+    return REPA(model, cfg.repa.encoder, depth=cfg.repa.depth, coeff=cfg.repa.coeff,
+                projector_dim=cfg.repa.projector_dim, weights=cfg.repa.weights, image_size=cfg.data.image_size,
+                device=device)
 
 
 def check_resume_config(saved, cfg, path):
     """Refuse to resume a run with another model or diffusion (a changed train.steps is fine)."""
     current = OmegaConf.to_container(cfg, resolve=True)
-    saved = {**saved, "diffusion": {"objective": "ddpm", **saved.get("diffusion", {})}}  # runs from before flows
-    for key in ("model", "diffusion"):
+    saved = {**saved, "diffusion": {"objective": "ddpm", **saved.get("diffusion", {})},  # runs from before flows
+             "repa": saved.get("repa", {"encoder": None})}                                # and before REPA
+    current["repa"] = current["repa"] if current["repa"]["encoder"] else {"encoder": None}
+    saved["repa"] = saved["repa"] if saved["repa"].get("encoder") else {"encoder": None}
+    for key in ("model", "diffusion", "repa"):
         if saved.get(key) != current.get(key):
             raise ConfigError(f"{path} was trained with {key}={saved.get(key)} but the config now says "
                              f"{key}={current.get(key)}; restore those settings to resume, or set a new run_dir")
@@ -324,7 +351,7 @@ def train(cfg):
     stats = model_stats(lambda: build_model(args), shape)
 
     # Resume from the newest complete checkpoint, if any (weights load before any wrapping or sharding).
-    step, opt_state, skipped = 0, None, 0
+    step, opt_state, skipped, repa_state = 0, None, 0, None
     # The newest checkpoint that loads; one cut short or damaged is skipped with a warning and set aside.
     ckpt_path, ckpt = load_newest(ckpt_dir, map_location=device, set_aside=dist.is_main)
     if ckpt_path is not None:
@@ -332,17 +359,31 @@ def train(cfg):
         load_model_weights(model, ckpt["model"], ckpt_path)
         load_model_weights(ema, ckpt["ema"], ckpt_path)
         step, opt_state, skipped = ckpt["step"], ckpt["opt"], ckpt.get("skipped_steps", 0)
+        repa_state = ckpt.get("repa")
         del ckpt
     if dist.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", step)
 
     raw_model = model
+    repa = build_repa(cfg, raw_model, device)   # REPA: a hook on one block, a projector with its own optimizer
     model = parallelize(model, ema, cfg, dist, device)
     fsdp = cfg.train.parallel == "fsdp"
-    opt = torch.optim.AdamW(raw_model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    make_opt = lambda params: torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                                weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    opt = make_opt(raw_model.parameters())
     if opt_state is not None:
         load_optimizer_state(raw_model, opt, opt_state, fsdp)
+    optimizers, param_groups, synced = [opt], [list(raw_model.parameters())], [model]
+    if repa is not None:
+        if repa_state is not None:
+            repa.projector.load_state_dict(repa_state["projector"])
+        repa.distribute(dist.world_size, device)
+        repa_opt = make_opt(repa.parameters())
+        if repa_state is not None:
+            repa_opt.load_state_dict(repa_state["opt"])
+        optimizers.append(repa_opt)
+        param_groups.append(repa.parameters())
+        synced.append(repa.module)
 
     global_batch = cfg.train.batch_size
     sampler = StepSampler(len(dataset), global_batch, dist.rank, dist.world_size, cfg.seed, start_step=step)
@@ -376,6 +417,8 @@ def train(cfg):
                 "config": OmegaConf.to_container(cfg, resolve=True), "model_args": args,
                 # Every random draw derives from (seed, step): the data position and RNG state are the step.
                 "rng": {"seed": cfg.seed, "samples_seen": step * global_batch}, "skipped_steps": skipped,
+                **({"repa": {"projector": repa.projector.state_dict(), "opt": optimizers[1].state_dict()}}
+                   if repa is not None else {}),
             }, ckpt_dir, step, keep_last=cfg.train.keep_last)
         barrier()
         boundary.saved()
@@ -414,30 +457,34 @@ def train(cfg):
         y = torch.where(drop, dataset.num_classes, y)  # label dropout for classifier-free guidance
         if cfg.data.random_flip or cached:  # a cache item always has a flip picked (index 0 when flips are off)
             x = apply_flips(x, flip, cached)
+        with autocast:  # REPA's targets: the encoder's features of the clean images (a placeholder without REPA)
+            z = repa.encode(x) if repa is not None else torch.zeros(len(x), 0, device=device)
         if vae is not None:  # latent diffusion: z = (mean + std * eps) * scaling_factor, eps from this step
             eps = torch.randn((global_batch, *shape), generator=gen, device=device)[lo:lo + b]
             x = vae.latents(x if cached else vae.encode_moments(x), eps)
 
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, cfg.optim.lr, cfg.optim.warmup_steps)
-        opt.zero_grad(set_to_none=True)
+        for o in optimizers:
+            for group in o.param_groups:
+                group["lr"] = learning_rate(step, cfg.optim.lr, cfg.optim.warmup_steps)
+            o.zero_grad(set_to_none=True)
         # Micro-batches of equal size: the mean of their mean losses is the batch's mean loss, so the summed
         # gradients are the full batch's; the gradient reduction runs in the last backward only.
         parts = []
-        for i, (xs, ts, ys, ns) in enumerate(zip(*(v.chunk(accum) for v in (x, t, y, noise)))):
-            with gradient_sync(model, i == accum - 1):
+        for i, (xs, ts, ys, ns, zs) in enumerate(zip(*(v.chunk(accum) for v in (x, t, y, noise, z)))):
+            with gradient_sync(synced, i == accum - 1):
                 with autocast:
                     part = objective.losses(model, xs, ts, ns, dict(y=ys))
+                    if repa is not None:  # + coeff * alignment of block repa.depth's tokens (logged as repa_loss)
+                        part = repa.add_loss(part, zs)
                 (part["loss"].mean() / accum).backward()
             parts.append({k: v.detach() for k, v in part.items()})
         losses = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip or math.inf)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_gradients(param_groups, cfg.optim.grad_clip or math.inf)
         # Agreed by all ranks before the update: a non-finite loss or gradient norm, a stop signal, a timed checkpoint.
         bad, signum, due = boundary.check(losses["loss"].mean(), grad_norm)
         if bad is None:
-            opt.step()
+            for o in optimizers:
+                o.step()
             update_ema(ema, raw_model, cfg.ema.decay)
         else:
             skipped += 1
@@ -445,7 +492,8 @@ def train(cfg):
                 if dist.is_main:
                     logger.finish()
                 raise Diverged(divergence_message(step + 1, bad, ckpt_dir, cfg))
-            opt.zero_grad(set_to_none=True)  # the weights, the optimizer and the EMA stay as they were
+            for o in optimizers:  # the weights, the optimizers and the EMA stay as they were
+                o.zero_grad(set_to_none=True)
             if dist.is_main:
                 logger.log({"step": step + 1, "skipped": 1, "nonfinite": bad, "skipped_steps": skipped})
         step += 1

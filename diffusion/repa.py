@@ -1,0 +1,186 @@
+"""REPA (Yu et al. 2025, "Representation Alignment for Generation", sihyun-yu/REPA): align the hidden tokens of one
+block with a frozen vision encoder's patch features of the clean image.
+
+    loss = objective loss + coeff * mean over tokens and batch of -cos(projector(h_i), z_i)
+
+h_i are the output tokens of block `depth` (1-based, as in REPA: depth 8 of SiT-XL/2's 28), taken by a forward hook
+on that block, so the network keeps its model(x, t, y) contract and knows nothing of REPA. The projector is
+REPA's MLP (Linear D->2048, SiLU, Linear 2048->2048, SiLU, Linear 2048->encoder width; Xavier-uniform, zero
+biases), trained with the network (its own optimizer with the same settings) and saved in the checkpoint, but not
+needed to sample. z_i come from the encoder under no_grad, so its weights never receive a gradient.
+
+Encoders (`repa.encoder`):
+- `digits`: the digits feature network's 4x4 grid of 128-d features (evaluation/digits.py), DiT-Mini/2's token grid
+  on the bundled 8x8 digits: REPA on a laptop, nothing to download.
+- `dinov2-vit-s|b|l|g`: timm's `vit_{small,base,large,giant}_patch14_dinov2.lvd142m` from a local weights file
+  (`repa.weights`), with REPA's preprocessing: images in [0, 1], ImageNet mean/std, then a bicubic resize to
+  224 * resolution / 256 (no antialiasing); the patch tokens after the final norm (x_norm_patchtokens).
+When the encoder's token grid differs from the network's, the encoder features are resampled to the network's grid
+(area-averaged when shrinking, bilinear when growing), and a warning says so once.
+"""
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.errors import ConfigError, MissingFile
+
+DINOV2 = {"s": "vit_small_patch14_dinov2.lvd142m", "b": "vit_base_patch14_dinov2.lvd142m",
+          "l": "vit_large_patch14_dinov2.lvd142m", "g": "vit_giant_patch14_dinov2.lvd142m"}
+ENCODERS = ("digits", *(f"dinov2-vit-{k}" for k in DINOV2))
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def projector(hidden_size, projector_dim, z_dim):
+    """REPA's MLP, applied to every token; Xavier-uniform weights and zero biases (the network's own init)."""
+    mlp = nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(), nn.Linear(projector_dim, projector_dim),
+                        nn.SiLU(), nn.Linear(projector_dim, z_dim))
+    for layer in mlp:
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return mlp
+
+
+def alignment_loss(projected, target):
+    """Per sample: the mean over tokens of -cos(projected token, encoder token); (N, T, d) x 2 -> (N,)."""
+    projected = F.normalize(projected.float(), dim=-1)
+    target = F.normalize(target.float(), dim=-1)
+    return -(projected * target).sum(-1).mean(-1)
+
+
+def resample_tokens(z, grid):
+    """Encoder tokens (N, T, d) on a square grid -> (N, h * w, d) on the network's (h, w) grid."""
+    side = math.isqrt(z.shape[1])
+    if side * side != z.shape[1]:
+        raise ConfigError(f"REPA: the encoder gives {z.shape[1]} tokens, not a square grid")
+    if (side, side) == tuple(grid):
+        return z
+    maps = z.transpose(1, 2).reshape(z.shape[0], z.shape[2], side, side)
+    shrink = grid[0] <= side and grid[1] <= side
+    maps = F.adaptive_avg_pool2d(maps, grid) if shrink else F.interpolate(maps, size=grid, mode="bilinear")
+    return maps.flatten(2).transpose(1, 2)
+
+
+class DigitsEncoder:
+    """The digits feature network's spatial features: images in [-1, 1] (N, 1, 8, 8) -> (N, 16, 128)."""
+
+    width = 128
+
+    def __init__(self, device):
+        from evaluation.digits import load_digits_net
+        self.net = load_digits_net()[0].to(device)
+
+    def __call__(self, images):
+        if images.shape[1:] != (1, 8, 8):
+            raise ConfigError(f"repa.encoder=digits reads 8x8 grey digits; these images are "
+                             f"{tuple(images.shape[1:])}: use repa.encoder=dinov2-vit-b (or -s, -l, -g)")
+        return self.net(images.float())["spatial"]
+
+
+def dinov2_missing(name, path):
+    model = DINOV2[name[-1]]
+    where = f"no file at {path}" if path else "no weights file given"
+    return (f"the REPA encoder {name} needs DINOv2 weights ({where}).\n"
+            f"  file:    model.safetensors of timm/{model} (or the original dinov2_vit{name[-1]}14_pretrain.pth)\n"
+            f"  source:  `huggingface-cli download timm/{model} model.safetensors --local-dir {name}` on a machine "
+            f"with network, or https://github.com/facebookresearch/dinov2#pretrained-models\n"
+            f"  setting: repa.weights=PATH")
+
+
+class DINOv2Encoder:
+    """DINOv2 patch features with REPA's preprocessing: images in [-1, 1] (N, 3, H, W) -> (N, T, width)."""
+
+    def __init__(self, name, weights, resolution, device):
+        from pathlib import Path
+
+        import timm
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        from evaluation.dinov2 import load_state_dict
+        if weights is None or not Path(weights).is_file():
+            raise MissingFile(dinov2_missing(name, weights))
+        self.size = 224 * max(1, resolution // 256)
+        model = timm.create_model(DINOV2[name[-1]].split(".")[0], pretrained=False, img_size=self.size, num_classes=0)
+        model.load_state_dict(checkpoint_filter_fn(load_state_dict(weights), model), strict=True)
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.width = model.embed_dim
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images):
+        x = (images.float() + 1) / 2                              # [-1, 1] -> [0, 1], REPA's x / 255
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate((x - self.mean) / self.std, size=(self.size, self.size), mode="bicubic")
+        return self.model.forward_features(x)[:, self.model.num_prefix_tokens:]
+
+
+def build_encoder(name, weights=None, resolution=256, device="cpu"):
+    """The frozen encoder called `name` (ENCODERS); weights: the DINOv2 file; resolution: the images' size."""
+    if name == "digits":
+        return DigitsEncoder(device)
+    if name in ENCODERS:
+        return DINOv2Encoder(name, weights, resolution, device)
+    raise ConfigError(f"unknown repa.encoder={name!r}; choose one of {', '.join(ENCODERS)} (null = REPA off)")
+
+
+class REPA:
+    """The alignment term for train.py: `attach` once, `encode` the clean images of a step, `add_loss` after each
+    forward pass. Holds the projector and its optimizer."""
+
+    def __init__(self, model, encoder, depth=8, coeff=0.5, projector_dim=2048, weights=None, image_size=256,
+                 device="cpu"):
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            raise ConfigError(f"repa aligns a transformer block's tokens; {type(model).__name__} has no blocks "
+                             f"(use a DiT or LightningDiT model, or repa.encoder=null)")
+        if not 1 <= depth <= len(blocks):
+            raise ConfigError(f"repa.depth={depth} but the model has {len(blocks)} blocks; choose 1..{len(blocks)} "
+                             f"(REPA aligns block 8 of SiT-XL/2's 28; DiT-Mini/2 on the digits: 2)")
+        self.encoder = build_encoder(encoder, weights=weights, resolution=image_size, device=device)
+        self.name, self.depth, self.coeff = encoder, depth, coeff
+        self.grid = tuple(model.grid_size)
+        self.projector = projector(model.pos_embed.shape[-1], projector_dim, self.encoder.width).to(device)
+        self.module = self.projector     # what the loop calls: the projector, or its DDP wrapper
+        self.hidden = None
+        self.hook = blocks[depth - 1].register_forward_hook(self._keep)
+        self._warned = False
+
+    def distribute(self, world_size, device):
+        """Several processes: the projector's gradients are averaged by its own DDP wrapper (under DDP and FSDP)."""
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.module = DDP(self.projector, device_ids=[device.index] if device.type == "cuda" else None)
+        return self
+
+    def _keep(self, module, args, output):
+        self.hidden = output
+
+    @torch.no_grad()
+    def encode(self, images):
+        """Encoder features of the clean images (N, T_model, width), on the network's token grid."""
+        z = self.encoder(images)
+        if z.shape[1] != self.grid[0] * self.grid[1] and not self._warned:
+            side = math.isqrt(z.shape[1])
+            warnings.warn(f"REPA: the encoder {self.name} gives a {side}x{side} token grid and the network "
+                          f"{self.grid[0]}x{self.grid[1]}; the encoder features are resampled to the network's grid")
+            self._warned = True
+        return resample_tokens(z, self.grid)
+
+    def add_loss(self, losses, z):
+        """The objective's per-sample losses plus coeff * alignment; the two parts are also returned on their own
+        (`objective_loss`, `repa_loss`), so runs with and without REPA compare on the same number."""
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError(f"REPA: block {self.depth} did not run in this forward pass")
+        repa = alignment_loss(self.module(hidden.to(self.projector[0].weight.dtype)), z)
+        return {**losses, "loss": losses["loss"] + self.coeff * repa, "objective_loss": losses["loss"],
+                "repa_loss": repa}
+
+    def parameters(self):
+        return list(self.projector.parameters())
