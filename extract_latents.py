@@ -12,6 +12,8 @@ by whichever rank finishes last; training refuses an incomplete cache or one mad
 Ranks never wait for each other, so a resumed run with uneven remaining work cannot hit a collective timeout.
 """
 
+import json
+import os
 from pathlib import Path
 
 import hydra
@@ -22,7 +24,8 @@ from tqdm.auto import tqdm
 
 from data import ImageFolderDataset, build_dataset
 from data.latents import (LABELS, MANIFEST, ShardWriter, make_manifest, read_manifest, shard_path, shard_range,
-                          write_labels, write_manifest)
+                          stats_path, write_labels, write_manifest)
+from models.vae import channel_stats, moment_sums
 from models import build_vae
 from utils.distributed import setup_distributed
 from utils.errors import ConfigError, report_user_errors
@@ -38,6 +41,19 @@ def check_existing(out, manifest):
         details = "; ".join(f"{k}: cache {existing.get(k)!r}, now {manifest[k]!r}" for k in differ if k != "classes")
         raise ConfigError(f"{out} holds a latent cache made with other settings ({details or 'other classes'}); "
                          f"choose another out= or the settings it was made with")
+
+
+def shard_sums(out, index):
+    """The moment sums of a finished shard, from its stats file, or read from the shard once and saved (caches
+    made before the statistics existed get them by re-running the same command)."""
+    path = stats_path(out, index)
+    if path.is_file():
+        return json.loads(path.read_text())
+    sums = moment_sums(torch.from_numpy(np.load(shard_path(out, index), mmap_mode="r")[:].astype(np.float32)))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(sums))
+    os.replace(tmp, path)
+    return sums
 
 
 @torch.no_grad()
@@ -102,12 +118,16 @@ def extract(cfg):
             entries = entries[writer.write(entries):]
             if writer.remaining == 0:
                 writer.commit()
+                shard_sums(out, index)   # its channel statistics, while the shard is in the page cache
                 writer = None
     progress.close()
 
-    # Whoever finds every shard on disk marks the cache complete (the last rank to finish always does).
+    # Whoever finds every shard on disk marks the cache complete (the last rank to finish always does), with the
+    # channel statistics of its latents (both flips; for vae.normalize=true), from each shard's moment sums.
     if all(shard_path(out, i).is_file() for i in range(manifest["num_shards"])):
-        write_manifest(out, {**manifest, "complete": True})
+        sums = [shard_sums(out, i) for i in range(manifest["num_shards"])]
+        mean, std = channel_stats(sums, vae.scaling_factor)
+        write_manifest(out, {**manifest, "channel_mean": mean, "channel_std": std, "complete": True})
         if dist.is_main:
             print(f"latent cache complete: {out} (train with data=latents data.path={out})")
     if torch.distributed.is_initialized():

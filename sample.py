@@ -95,6 +95,9 @@ def load_decoder(vae_cfg, info, channels):
         vae = build_vae(**OmegaConf.load(OFFICIAL_VAE))
     else:
         return None
+    recorded = info.get("vae") or {}
+    if "channel_mean" in recorded:  # trained on normalised latents: decoding undoes the normalisation
+        vae.set_channel_stats(recorded["channel_mean"], recorded["channel_std"])
     if vae.latent_channels != channels:
         raise ConfigError(f"the VAE {vae.identifier} has {vae.latent_channels} latent channels but the model "
                          f"takes {channels}; choose the VAE it was trained with (vae=...)")

@@ -86,12 +86,37 @@ def input_shape(dataset, vae):
     return vae.latent_channels, size, size
 
 
+def latent_channel_stats(cfg, dataset, vae, cached, device):
+    """(mean, std) per latent channel: the latent cache's (written by extract_latents.py), or measured exactly from
+    the posterior moments of cfg.vae.stats_images images spread over the dataset, each also mirrored."""
+    if vae is None:
+        raise ConfigError("vae.normalize=true normalises VAE latents; in pixel space (vae=none) leave it false")
+    if cached:
+        if "channel_mean" not in dataset.manifest:
+            raise ConfigError(f"the latent cache {cfg.data.path} has no channel statistics (it was made before "
+                             f"extract_latents.py recorded them); re-run the extract_latents.py command that made it "
+                             f"(it adds them without encoding again), or set vae.normalize=false")
+        return dataset.manifest["channel_mean"], dataset.manifest["channel_std"]
+    from models.vae import channel_stats, moment_sums
+    count = min(cfg.vae.stats_images, len(dataset))
+    if count < 1:
+        raise ConfigError("vae.normalize=true measures the latents on vae.stats_images images; set it to 1 or more")
+    indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
+    sums = []
+    for chunk in np.array_split(indices, math.ceil(count / 32)):
+        x = torch.stack([dataset[int(i)][0] for i in chunk]).to(device)
+        sums.append(moment_sums(vae.encode_moments(torch.cat([x, x.flip(-1)]))))
+    return channel_stats(sums, vae.scaling_factor)
+
+
 def model_args(cfg, dataset, objective, vae=None):
     """Everything needed to rebuild the network, and the VAE that decodes its latents (None in pixel space);
     stored in every checkpoint for sample.py."""
     channels, size, _ = input_shape(dataset, vae)
     vae_args = None if vae is None else dict(id=vae.identifier, path=cfg.vae.path, subfolder=cfg.vae.subfolder,
                                              scaling_factor=vae.scaling_factor)
+    if vae is not None and vae.channel_mean is not None:   # latent normalisation: sample.py undoes it to decode
+        vae_args.update(channel_mean=vae.channel_mean.flatten().tolist(), channel_std=vae.channel_std.flatten().tolist())
     return dict(name=cfg.model.name, input_size=size, in_channels=channels,
                 num_classes=dataset.num_classes, learn_sigma=objective.learn_sigma,
                 **OmegaConf.to_container(cfg.model.kwargs, resolve=True), vae=vae_args)
@@ -308,7 +333,8 @@ def check_resume_config(saved, cfg, path):
         if saved.get(key) != current.get(key):
             raise ConfigError(f"{path} was trained with {key}={saved.get(key)} but the config now says "
                              f"{key}={current.get(key)}; restore those settings to resume, or set a new run_dir")
-    vae_identity = lambda c: {k: (c.get("vae") or {}).get(k) for k in ("name", "id", "scaling_factor")}
+    vae_identity = lambda c: {**{k: (c.get("vae") or {}).get(k) for k in ("name", "id", "scaling_factor")},
+                              "normalize": bool((c.get("vae") or {}).get("normalize"))}
     if "vae" in saved and vae_identity(saved) != vae_identity(current):  # vae.path may change, the VAE may not
         raise ConfigError(f"{path} was trained with vae={vae_identity(saved)} but the config now says "
                          f"vae={vae_identity(current)}; restore those settings to resume, or set a new run_dir")
@@ -341,6 +367,8 @@ def train(cfg):
     if cached:  # refuse a cache made with another VAE, scaling factor or resolution
         check_cache(dataset.manifest, vae=vae and vae.identifier, scaling_factor=vae and vae.scaling_factor,
                     image_size=cfg.data.image_size, source=f"the latent cache {cfg.data.path}")
+    if cfg.vae.normalize:  # channel-wise latent normalisation (LightningDiT), undone before decoding
+        vae.set_channel_stats(*latent_channel_stats(cfg, dataset, vae, cached, device))
     diffusion_kwargs = OmegaConf.to_container(cfg.diffusion, resolve=True)
     objective = build_objective(diffusion_kwargs)     # DDPM or flow: draws t and noise, computes the loss
     args = model_args(cfg, dataset, objective, vae)

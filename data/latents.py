@@ -2,9 +2,11 @@
 
 Written once by `extract_latents.py`, read by `data=latents`. A cache folder holds
 
-    manifest.json          what the cache is: VAE, scaling factor, resolution, crop, counts, layout (see make_manifest)
+    manifest.json          what the cache is: VAE, scaling factor, resolution, crop, counts, layout (see make_manifest);
+                           once complete also the channel statistics of the latents (channel_mean, channel_std)
     labels.npy             (num_images,) int64 class ids, in ImageFolder order (sorted class folders)
     shard-00000.npy ...    (n, 2, 2C, h, w) float: image, flip (0 = as is, 1 = mirrored), [mean; log-variance], h, w
+    shard-00000.stats.json that shard's moment sums (models.vae.moment_sums), for the channel statistics
 
 Storing the posterior (mean, log-variance) rather than one sample keeps the VAE's noise: each training step
 draws its own sample z = mean + exp(logvar / 2) * eps, as on-the-fly encoding would. Storing both flips keeps
@@ -38,6 +40,11 @@ DTYPES = ("float32", "float16")
 def shard_path(root, index):
     """The file of shard `index`."""
     return Path(root) / f"shard-{index:05d}.npy"
+
+
+def stats_path(root, index):
+    """The moment sums of shard `index` (written beside it)."""
+    return Path(root) / f"shard-{index:05d}.stats.json"
 
 
 def shard_range(index, shard_size, num_images):

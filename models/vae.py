@@ -7,6 +7,10 @@ place that knows the factor:
     moments = vae.encode_moments(x)        # (N, 2C, h, w): posterior mean and log-variance, unscaled
     z = vae.latents(moments, eps)          # (mean + exp(logvar / 2) * eps) * scaling_factor
     x = vae.decode(z)                      # back to images in [-1, 1]
+With channel statistics set (LightningDiT's latent normalisation, `vae.normalize=true`), latents() also maps each
+channel to zero mean and unit std, z = (z - mean_c) / std_c, and decode() undoes it first. `moment_sums` and
+`channel_stats` compute those statistics exactly from posterior moments (no sampling):
+    E[z_c] = s * mean(mu),  E[z_c^2] = s^2 * mean(mu^2 + exp(logvar)),  std_c = sqrt(E[z_c^2] - E[z_c]^2).
 
 The autoencoder always runs in fp32 with autocast switched off and without gradients, also inside a bf16
 training step: its latents are the data, and low-precision encoding would change the data with the precision.
@@ -74,6 +78,13 @@ class VAE(nn.Module):
         self.image_channels = config.in_channels
         self.downsample = 2 ** (len(config.block_out_channels) - 1)   # one halving per encoder block but the last
         self.chunk_size = chunk_size
+        self.channel_mean = self.channel_std = None   # set_channel_stats: latent normalisation
+
+    def set_channel_stats(self, mean, std):
+        """Normalise latents channel-wise by these (C,) statistics of the scaled latents (None, None: off)."""
+        as_tensor = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+        self.channel_mean, self.channel_std = as_tensor(mean), as_tensor(std)
+        return self
 
     @classmethod
     def from_pretrained(cls, id_or_path, subfolder=None, local_files_only=False, scaling_factor=None,
@@ -126,7 +137,10 @@ class VAE(nn.Module):
         eps=None gives the posterior mean."""
         mean, logvar = moments.float().chunk(2, dim=1)
         z = mean if eps is None else mean + torch.exp(0.5 * logvar) * eps
-        return z * self.scaling_factor
+        z = z * self.scaling_factor
+        if self.channel_mean is not None:
+            z = (z - self.channel_mean.to(z.device)) / self.channel_std.to(z.device)
+        return z
 
     @torch.no_grad()
     def encode(self, x, sample=True, generator=None):
@@ -144,8 +158,29 @@ class VAE(nn.Module):
         """Scaled latents (N, C, h, w) -> fp32 images (N, 3, h*d, w*d) clamped to [-1, 1]."""
         z, no_autocast = self._fp32(z)
         with no_autocast:
+            if self.channel_mean is not None:
+                z = z * self.channel_std.to(z.device) + self.channel_mean.to(z.device)
             z = z / self.scaling_factor
             return torch.cat([self.autoencoder.decode(chunk).sample for chunk in z.split(self.chunk_size)]).clamp(-1, 1)
+
+
+def moment_sums(moments):
+    """Sums for channel_stats over posterior moments (..., 2C, h, w): {count, sum of mu, sum of mu^2 + var}
+    per channel, float64."""
+    mean, logvar = moments.double().flatten(0, -4).chunk(2, dim=1)            # (n, C, h, w) each
+    return {"count": float(mean.shape[0] * mean.shape[2] * mean.shape[3]),
+            "sum": mean.sum((0, 2, 3)).tolist(), "sum_sq": (mean ** 2 + logvar.exp()).sum((0, 2, 3)).tolist()}
+
+
+def channel_stats(sums, scaling_factor):
+    """(mean, std) per channel of the scaled latents z = s * (mu + sigma * eps), from one or more moment_sums."""
+    sums = [sums] if isinstance(sums, dict) else list(sums)
+    count = sum(s["count"] for s in sums)
+    first = torch.tensor([s["sum"] for s in sums], dtype=torch.float64).sum(0) / count
+    second = torch.tensor([s["sum_sq"] for s in sums], dtype=torch.float64).sum(0) / count
+    mean = scaling_factor * first
+    std = scaling_factor * (second - first ** 2).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()
 
 
 def build_vae(name="none", id=None, path=None, subfolder=None, scaling_factor=None, **unused):

@@ -321,3 +321,83 @@ def test_imagenet_experiments_state_the_papers_recipe(experiment, size):
         assert cfg.train.batch_size == 256 and cfg.ema.decay == 0.9999
         assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0 and cfg.optim.warmup_steps == 0
         assert cfg.diffusion.noise_schedule == "linear" and cfg.diffusion.learn_sigma
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Latent normalisation (vae.normalize=true, LightningDiT's channel-wise mean / std)
+# ------------------------------------------------------------------------------------------------------------
+
+def all_cache_moments(cache):
+    dataset = LatentCacheDataset(cache)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])          # (n, 2, 2C, h, w)
+
+
+def test_channel_stats_are_the_moments_of_the_scaled_latents():
+    from models.vae import channel_stats, moment_sums
+    g = torch.Generator().manual_seed(0)
+    moments = torch.cat([torch.randn(50, 3, 4, 4, generator=g) * 2 + 1, torch.randn(50, 3, 4, 4, generator=g) - 1], 1)
+    mean, std = channel_stats([moment_sums(moments[:20]), moment_sums(moments[20:])], 0.5)   # sums combine
+    mu, logvar = moments.double().chunk(2, dim=1)
+    z = 0.5 * (mu[None] + (0.5 * logvar).exp()[None] * torch.randn(2000, *mu.shape, generator=g, dtype=torch.float64))
+    torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), z.mean((0, 1, 3, 4)), rtol=0, atol=0.01)
+    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), z.std((0, 1, 3, 4)), rtol=0.01, atol=0)
+
+
+def test_the_cache_records_the_channel_stats_of_its_latents(files):
+    from models.vae import channel_stats, moment_sums
+    manifest = read_manifest(files["cache"])
+    mean, std = channel_stats(moment_sums(all_cache_moments(files["cache"])), SCALING)
+    torch.testing.assert_close(torch.tensor(manifest["channel_mean"]), torch.tensor(mean), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(manifest["channel_std"]), torch.tensor(std), rtol=1e-6, atol=1e-7)
+    vae = VAE.from_pretrained(files["vae"]).set_channel_stats(mean, std)
+    moments = all_cache_moments(files["cache"]).flatten(0, 1).repeat(200, 1, 1, 1)
+    z = vae.latents(moments, torch.randn(len(moments), 4, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(4), rtol=0, atol=0.02)         # zero mean, unit std
+    torch.testing.assert_close(z.std((0, 2, 3)), torch.ones(4), rtol=0.02, atol=0)
+
+
+def test_decoding_undoes_the_normalisation(files):
+    plain = VAE.from_pretrained(files["vae"])
+    normed = VAE.from_pretrained(files["vae"]).set_channel_stats([0.1, -0.2, 0.3, 0.0], [0.5, 2.0, 1.0, 0.7])
+    moments = all_cache_moments(files["cache"])[:2, 0]
+    assert not torch.allclose(plain.latents(moments), normed.latents(moments))
+    torch.testing.assert_close(normed.decode(normed.latents(moments)), plain.decode(plain.latents(moments)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_cache_without_stats_is_refused_and_re_extracting_adds_them(files, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(files["cache"], cache)
+    manifest = read_manifest(cache)
+    for path in cache.glob("*.stats.json"):
+        path.unlink()
+    write_manifest(cache, {k: v for k, v in manifest.items() if k not in ("channel_mean", "channel_std")})
+    cfg = compose_config(overrides=[*latent_overrides(files, tmp_path / "run", cache=cache), "vae.normalize=true"])
+    with pytest.raises(ValueError, match="has no channel statistics.*re-run the extract_latents.py command"):
+        train_script.train(cfg)
+    extract_latents.extract(compose_config("extract", extract_overrides(files["vae"], files["images"], cache)))
+    again = read_manifest(cache)
+    assert again["channel_mean"] == pytest.approx(manifest["channel_mean"], rel=1e-6)
+    assert again["channel_std"] == pytest.approx(manifest["channel_std"], rel=1e-6)
+
+
+def test_normalised_training_from_the_cache_and_on_the_fly_agree_and_sample_py_decodes(files, tmp_path):
+    cached = [*latent_overrides(files, tmp_path / "cached", steps=2), "vae.normalize=true"]
+    on_the_fly = without(cached, "data", "run_dir") + [
+        "data=imagenet", f"data.path={files['images']}", f"data.image_size={IMAGE_SIZE}", "data.num_workers=0",
+        f"run_dir={tmp_path}/fly"]
+    train_script.train(compose_config(overrides=cached))
+    train_script.train(compose_config(overrides=on_the_fly))   # stats_images >= 6: every image and mirror measured
+    a, b = final_state(tmp_path / "cached")["model_args"]["vae"], final_state(tmp_path / "fly")["model_args"]["vae"]
+    manifest = read_manifest(files["cache"])
+    assert a["channel_mean"] == pytest.approx(manifest["channel_mean"], rel=1e-6)
+    assert b["channel_mean"] == pytest.approx(a["channel_mean"], rel=1e-4, abs=1e-6)
+    assert b["channel_std"] == pytest.approx(a["channel_std"], rel=1e-4)
+    with pytest.raises(ValueError, match="vae="):          # resuming without the normalisation is refused
+        train_script.train(compose_config(overrides=without(cached, "vae.normalize")))
+    info = {"vae": a, "latent": True}
+    decoder = sample_script.load_decoder(None, info, channels=4)
+    assert decoder.channel_mean.flatten().tolist() == pytest.approx(a["channel_mean"])
+    out = sample_script.run(compose_config("sample", [f"ckpt={tmp_path / 'cached'}", "num_samples=2", "steps=2",
+                                                      f"out={tmp_path}/s", "device=cpu"]))
+    assert np.load(out / "samples.npz")["arr_0"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
