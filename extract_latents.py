@@ -57,6 +57,13 @@ def shard_sums(out, index):
 
 
 @torch.no_grad()
+def encode_features_both_flips(encoder, x):
+    """Images (n, 3, H, W) -> (n, 2, T, d) float16 REPA encoder features of each image as is and mirrored."""
+    feats = encoder(torch.cat([x, x.flip(-1)]))
+    return torch.stack(feats.chunk(2), dim=1).half().cpu().numpy()
+
+
+@torch.no_grad()
 def encode_both_flips(vae, x):
     """Images (n, 3, H, W) -> (n, 2, 2C, h, w): posterior [mean; logvar] of each image as is and mirrored."""
     moments = vae.encode_moments(torch.cat([x, x.flip(-1)]))    # (2n, 2C, h, w)
@@ -79,10 +86,17 @@ def extract(cfg):
         raise ConfigError(f"data.image_size={cfg.data.image_size} is not divisible by the VAE's downsampling "
                          f"factor {vae.downsample}")
     latent_size = cfg.data.image_size // vae.downsample
+    encoder, repa = None, None
+    if cfg.repa.encoder:  # REPA's encoder features of both flips, stored beside the latents (float16)
+        from diffusion.repa import build_encoder
+        encoder = build_encoder(cfg.repa.encoder, weights=cfg.repa.weights, resolution=cfg.data.image_size,
+                                device=device)
+        probe = encoder(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size, device=device))
+        repa = {"encoder": cfg.repa.encoder, "tokens": int(probe.shape[1]), "width": int(probe.shape[2])}
     manifest = make_manifest(vae=vae.identifier, scaling_factor=vae.scaling_factor, image_size=cfg.data.image_size,
                              latent_channels=vae.latent_channels, latent_size=latent_size, num_images=len(dataset),
                              classes=dataset.classes, shard_size=cfg.shard_size, dtype=cfg.dtype,
-                             source=Path(cfg.data.path).resolve())
+                             source=Path(cfg.data.path).resolve(), repa=repa)
     check_existing(out, manifest)   # every rank checks before it writes anything
     out.mkdir(parents=True, exist_ok=True)
     if not (out / LABELS).is_file():  # every rank may write it (same content, atomically): there before any manifest
@@ -96,7 +110,8 @@ def extract(cfg):
     # This rank's contiguous block of shards, minus those already on disk.
     mine = np.array_split(np.arange(manifest["num_shards"]), dist.world_size)[dist.rank].tolist()
     for index in mine:  # temporary files of an interrupted run of this rank's shards
-        for stale in out.glob(f".{shard_path(out, index).name}.tmp*"):
+        for stale in [*out.glob(f".{shard_path(out, index).name}.tmp*"),
+                      *out.glob(f".{shard_path(out, index, 'repa').name}.tmp*")]:
             stale.unlink()
     todo = [i for i in mine if not shard_path(out, i).is_file()]
     indices = [j for i in todo for j in shard_range(i, cfg.shard_size, len(dataset))]
@@ -106,20 +121,30 @@ def extract(cfg):
     done = sum(len(shard_range(i, cfg.shard_size, len(dataset))) for i in mine) - len(indices)
     progress = tqdm(total=done + len(indices), initial=done, desc=f"extract (rank {dist.rank})", unit="img",
                     disable=not dist.is_main, mininterval=2)
-    pending, writer = iter(todo), None
+    pending, writer, features = iter(todo), None, None
     for x, _ in loader:
-        entries = encode_both_flips(vae, x.to(device, non_blocking=True)).cpu().numpy()
+        x = x.to(device, non_blocking=True)
+        entries = encode_both_flips(vae, x).cpu().numpy()
+        feats = encode_features_both_flips(encoder, x) if encoder is not None else None
         progress.update(len(entries))
         while len(entries):  # a batch may end one shard and start the next
             if writer is None:
                 index = next(pending)
-                writer = ShardWriter(out, index, len(shard_range(index, cfg.shard_size, len(dataset))),
-                                     entry_shape, cfg.dtype)
-            entries = entries[writer.write(entries):]
+                count = len(shard_range(index, cfg.shard_size, len(dataset)))
+                writer = ShardWriter(out, index, count, entry_shape, cfg.dtype)
+                if encoder is not None:
+                    features = ShardWriter(out, index, count, (2, repa["tokens"], repa["width"]), "float16", "repa")
+            taken = writer.write(entries)
+            entries = entries[taken:]
+            if features is not None:
+                features.write(feats[:taken])
+                feats = feats[taken:]
             if writer.remaining == 0:
+                if features is not None:
+                    features.commit()    # before the latents: a shard file on disk means the whole shard is done
                 writer.commit()
                 shard_sums(out, index)   # its channel statistics, while the shard is in the page cache
-                writer = None
+                writer = features = None
     progress.close()
 
     # Whoever finds every shard on disk marks the cache complete (the last rank to finish always does), with the

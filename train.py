@@ -142,14 +142,14 @@ def decode(vae, z):
 
 
 def batch_source(dataset, sampler, cfg, device):
-    """A function step -> (x, y) for this rank. In-memory datasets are indexed directly; others stream
-    through a DataLoader driven by the same step-indexed sampler."""
+    """A function step -> (x, y, REPA features stored in a latent cache or None) for this rank. In-memory datasets
+    are indexed directly; others stream through a DataLoader driven by the same step-indexed sampler."""
     if hasattr(dataset, "images"):
         images, labels = dataset.images.to(device), dataset.labels.to(device)
 
         def indexed_batch(step):
             index = sampler.indices(step).to(device)
-            return images[index], labels[index]
+            return images[index], labels[index], None
         return indexed_batch
     workers = cfg.data.num_workers
     loader = DataLoader(dataset, batch_size=sampler.b, sampler=sampler, num_workers=workers,
@@ -157,8 +157,9 @@ def batch_source(dataset, sampler, cfg, device):
     iterator = iter(loader)
 
     def next_batch(step):
-        x, y = next(iterator)
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y, *stored = next(iterator)
+        stored = stored[0].to(device, non_blocking=True) if stored else None
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True), stored
     return next_batch
 
 
@@ -310,16 +311,24 @@ def clip_gradients(groups, max_norm):
     return total
 
 
-def build_repa(cfg, model, device):
+def build_repa(cfg, model, dataset, device):
     """REPA's alignment term (diffusion/repa.py), or None when repa.encoder is null."""
     if not cfg.repa.encoder:
         return None
-    if cfg.data.name == "latents":
-        raise ConfigError("repa with data=latents needs the clean images, which a latent cache does not hold; "
-                         "train from images (data=imagefolder with vae=...) for REPA")
+    stored = None
+    if isinstance(dataset, LatentCacheDataset):  # no images to encode: the cache must hold the encoder's features
+        stored = dataset.repa
+        if not stored or stored["encoder"] != cfg.repa.encoder:
+            raise ConfigError(f"repa.encoder={cfg.repa.encoder} with data=latents needs the encoder's features in the "
+                             f"latent cache {cfg.data.path}, which holds "
+                             f"{'those of ' + stored['encoder'] if stored else 'none'}; make a cache with them "
+                             f"(python extract_latents.py ... repa.encoder={cfg.repa.encoder} repa.weights=PATH) or "
+                             f"train from images (data=imagefolder with vae=...)")
+        dataset.with_repa_features = True
     return REPA(model, cfg.repa.encoder, depth=cfg.repa.depth, coeff=cfg.repa.coeff,
-                projector_dim=cfg.repa.projector_dim, weights=cfg.repa.weights, image_size=cfg.data.image_size,
-                device=device)
+                projector_dim=cfg.repa.projector_dim, weights=cfg.repa.weights,
+                image_size=dataset.resolution if stored else cfg.data.image_size, device=device,
+                stored_width=stored and stored["width"], seed=cfg.seed)
 
 
 def check_resume_config(saved, cfg, path):
@@ -393,7 +402,7 @@ def train(cfg):
         truncate_metrics(run_dir / "metrics.jsonl", step)
 
     raw_model = model
-    repa = build_repa(cfg, raw_model, device)   # REPA: a hook on one block, a projector with its own optimizer
+    repa = build_repa(cfg, raw_model, dataset, device)   # REPA: a hook on one block, a projector with its own optimizer
     model = parallelize(model, ema, cfg, dist, device)
     fsdp = cfg.train.parallel == "fsdp"
     make_opt = lambda params: torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -476,7 +485,7 @@ def train(cfg):
     window_start, window_steps, sums = time.perf_counter(), 0, {}
     progress = tqdm(total=cfg.train.steps, initial=step, desc="train", disable=not dist.is_main, mininterval=2)
     while step < cfg.train.steps:
-        x, y = next_batch(step)
+        x, y, stored = next_batch(step)   # stored: REPA features from a latent cache, else None
         gen = step_generator(cfg.seed, step, device)
         # Draw for the whole global batch and take this rank's slice: any world size sees the same numbers.
         t, noise = (v[lo:lo + b] for v in objective.draw(gen, global_batch, shape, device))
@@ -485,8 +494,8 @@ def train(cfg):
         y = torch.where(drop, dataset.num_classes, y)  # label dropout for classifier-free guidance
         if cfg.data.random_flip or cached:  # a cache item always has a flip picked (index 0 when flips are off)
             x = apply_flips(x, flip, cached)
-        with autocast:  # REPA's targets: the encoder's features of the clean images (a placeholder without REPA)
-            z = repa.encode(x) if repa is not None else torch.zeros(len(x), 0, device=device)
+        with autocast:  # REPA's targets: encoder features of the clean (flipped) images; a placeholder without REPA
+            z = repa.targets(x, stored, flip) if repa is not None else torch.zeros(len(x), 0, device=device)
         if vae is not None:  # latent diffusion: z = (mean + std * eps) * scaling_factor, eps from this step
             eps = torch.randn((global_batch, *shape), generator=gen, device=device)[lo:lo + b]
             x = vae.latents(x if cached else vae.encode_moments(x), eps)

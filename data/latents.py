@@ -7,6 +7,8 @@ Written once by `extract_latents.py`, read by `data=latents`. A cache folder hol
     labels.npy             (num_images,) int64 class ids, in ImageFolder order (sorted class folders)
     shard-00000.npy ...    (n, 2, 2C, h, w) float: image, flip (0 = as is, 1 = mirrored), [mean; log-variance], h, w
     shard-00000.stats.json that shard's moment sums (models.vae.moment_sums), for the channel statistics
+    shard-00000.repa.npy   with `repa.encoder=...` at extraction: (n, 2, T, d) float16 REPA encoder features of each
+                           image as is and mirrored (manifest["repa"] names the encoder), so training need not run it
 
 Storing the posterior (mean, log-variance) rather than one sample keeps the VAE's noise: each training step
 draws its own sample z = mean + exp(logvar / 2) * eps, as on-the-fly encoding would. Storing both flips keeps
@@ -37,9 +39,9 @@ DTYPES = ("float32", "float16")
 #                                   Helpers                                     #
 #################################################################################
 
-def shard_path(root, index):
-    """The file of shard `index`."""
-    return Path(root) / f"shard-{index:05d}.npy"
+def shard_path(root, index, part=""):
+    """The file of shard `index` (part "repa": its REPA encoder features)."""
+    return Path(root) / f"shard-{index:05d}{'.' + part if part else ''}.npy"
 
 
 def stats_path(root, index):
@@ -53,7 +55,7 @@ def shard_range(index, shard_size, num_images):
 
 
 def make_manifest(*, vae, scaling_factor, image_size, latent_channels, latent_size, num_images, classes,
-                  shard_size, dtype, source=None):
+                  shard_size, dtype, source=None, repa=None):
     """The manifest of a cache (complete=False until every shard is on disk)."""
     if dtype not in DTYPES:
         raise ConfigError(f"latent cache dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -62,7 +64,7 @@ def make_manifest(*, vae, scaling_factor, image_size, latent_channels, latent_si
             "num_images": int(num_images), "num_classes": len(classes), "classes": list(classes),
             "shard_size": int(shard_size), "num_shards": math.ceil(num_images / shard_size), "dtype": dtype,
             "layout": "shard-NNNNN.npy: (images, flip [none, horizontal], [mean; logvar] channels, h, w)",
-            "source": None if source is None else str(source), "complete": False}
+            "source": None if source is None else str(source), "repa": repa, "complete": False}
 
 
 def _replace_atomically(path, write):
@@ -123,8 +125,8 @@ class ShardWriter:
     """Fills one shard through a temporary memory-mapped .npy beside it; `commit` renames it into place, so a
     shard file exists only when complete (an interrupted extraction leaves only temporary files)."""
 
-    def __init__(self, root, index, count, entry_shape, dtype):
-        self.path = shard_path(root, index)
+    def __init__(self, root, index, count, entry_shape, dtype, part=""):
+        self.path = shard_path(root, index, part)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=(count, *entry_shape))
         self.filled = 0
@@ -163,6 +165,7 @@ class LatentCacheDataset(Dataset):
 
     def __init__(self, path):
         self.root = Path(path)
+        self.with_repa_features = False   # set by the trainer when it reads the stored REPA features
         if not self.root.is_dir():
             raise MissingFile(f"latent cache folder {self.root} does not exist; set data.path to a folder "
                                     f"written by extract_latents.py")
@@ -174,7 +177,8 @@ class LatentCacheDataset(Dataset):
         self.resolution, self.shard_size, self.num_images = m["image_size"], m["shard_size"], m["num_images"]
         self.entry_shape = (2, 2 * self.channels, self.image_size, self.image_size)
         self.labels = np.load(self.root / LABELS)   # (num_images,) int64: small, kept in memory
-        self._shards = {}   # index -> np.memmap, opened on first use in each process
+        self._shards = {}   # (index, part) -> np.memmap, opened on first use in each process
+        self.repa = m.get("repa")         # {"encoder", "tokens", "width"} when the cache holds REPA features
 
     def __len__(self):
         return self.num_images
@@ -182,19 +186,25 @@ class LatentCacheDataset(Dataset):
     def __getstate__(self):  # DataLoader workers get the description, never open memory maps
         return {**self.__dict__, "_shards": {}}
 
-    def shard(self, index):
-        """Shard `index` as a read-only memory map, opened once per process and checked against the manifest."""
-        if index not in self._shards:
-            path = shard_path(self.root, index)
+    def shard(self, index, part=""):
+        """Shard `index` (or its REPA features, part="repa") as a read-only memory map, opened once per process and
+        checked against the manifest."""
+        if (index, part) not in self._shards:
+            path = shard_path(self.root, index, part)
             array = np.load(path, mmap_mode="r")
-            expected = (len(shard_range(index, self.shard_size, self.num_images)), *self.entry_shape)
-            if array.shape != expected or array.dtype != np.dtype(self.manifest["dtype"]):
+            entry, dtype = ((2, self.repa["tokens"], self.repa["width"]), "float16") if part else (
+                self.entry_shape, self.manifest["dtype"])
+            expected = (len(shard_range(index, self.shard_size, self.num_images)), *entry)
+            if array.shape != expected or array.dtype != np.dtype(dtype):
                 raise ConfigError(f"{path} holds {array.dtype} {array.shape}, the manifest says "
-                                 f"{self.manifest['dtype']} {expected}; delete it and re-run the extraction")
-            self._shards[index] = array
-        return self._shards[index]
+                                 f"{dtype} {expected}; delete it and re-run the extraction")
+            self._shards[(index, part)] = array
+        return self._shards[(index, part)]
 
     def __getitem__(self, i):
+        """(moments, y), or (moments, y, REPA features (2, T, d) float32) when with_repa_features is set."""
         index, row = divmod(i, self.shard_size)
         moments = torch.from_numpy(np.array(self.shard(index)[row], dtype=np.float32))   # (2, 2C, h, w)
-        return moments, int(self.labels[i])
+        if not self.with_repa_features:
+            return moments, int(self.labels[i])
+        return moments, int(self.labels[i]), torch.from_numpy(np.array(self.shard(index, "repa")[row], dtype=np.float32))

@@ -16,7 +16,8 @@ Encoders (`repa.encoder`):
   (`repa.weights`), with REPA's preprocessing: images in [0, 1], ImageNet mean/std, then a bicubic resize to
   224 * resolution / 256 (no antialiasing); the patch tokens after the final norm (x_norm_patchtokens).
 When the encoder's token grid differs from the network's, the encoder features are resampled to the network's grid
-(area-averaged when shrinking, bilinear when growing), and a warning says so once.
+(area-averaged when shrinking, bilinear when growing), and a warning says so once. A latent cache made with
+`extract_latents.py repa.encoder=...` holds the features of both flips, and then no encoder runs in training.
 """
 
 import math
@@ -35,13 +36,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def projector(hidden_size, projector_dim, z_dim):
-    """REPA's MLP, applied to every token; Xavier-uniform weights and zero biases (the network's own init)."""
+def projector(hidden_size, projector_dim, z_dim, seed=0):
+    """REPA's MLP, applied to every token; Xavier-uniform weights and zero biases (the network's own init), drawn
+    from their own generator, so they do not depend on what was built before (an encoder or not)."""
     mlp = nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(), nn.Linear(projector_dim, projector_dim),
                         nn.SiLU(), nn.Linear(projector_dim, z_dim))
+    generator = torch.Generator().manual_seed(seed)
     for layer in mlp:
         if isinstance(layer, nn.Linear):
-            nn.init.xavier_uniform_(layer.weight)
+            nn.init.xavier_uniform_(layer.weight, generator=generator)
             nn.init.zeros_(layer.bias)
     return mlp
 
@@ -134,7 +137,7 @@ class REPA:
     forward pass. Holds the projector and its optimizer."""
 
     def __init__(self, model, encoder, depth=8, coeff=0.5, projector_dim=2048, weights=None, image_size=256,
-                 device="cpu"):
+                 device="cpu", stored_width=None, seed=0):
         blocks = getattr(model, "blocks", None)
         if blocks is None:
             raise ConfigError(f"repa aligns a transformer block's tokens; {type(model).__name__} has no blocks "
@@ -142,10 +145,13 @@ class REPA:
         if not 1 <= depth <= len(blocks):
             raise ConfigError(f"repa.depth={depth} but the model has {len(blocks)} blocks; choose 1..{len(blocks)} "
                              f"(REPA aligns block 8 of SiT-XL/2's 28; DiT-Mini/2 on the digits: 2)")
-        self.encoder = build_encoder(encoder, weights=weights, resolution=image_size, device=device)
+        # With features stored in a latent cache (stored_width = their width), no encoder is loaded.
+        self.encoder = None if stored_width else build_encoder(encoder, weights=weights, resolution=image_size,
+                                                               device=device)
         self.name, self.depth, self.coeff = encoder, depth, coeff
         self.grid = tuple(model.grid_size)
-        self.projector = projector(model.pos_embed.shape[-1], projector_dim, self.encoder.width).to(device)
+        width = stored_width or self.encoder.width
+        self.projector = projector(model.pos_embed.shape[-1], projector_dim, width, seed).to(device)
         self.module = self.projector     # what the loop calls: the projector, or its DDP wrapper
         self.hidden = None
         self.hook = blocks[depth - 1].register_forward_hook(self._keep)
@@ -162,9 +168,19 @@ class REPA:
         self.hidden = output
 
     @torch.no_grad()
+    def targets(self, images, stored=None, flip=None):
+        """The step's alignment targets (N, T_model, width): the stored features of the flip each item uses
+        (stored: (N, 2, T, d) from the cache), else the encoder's features of the (flipped) clean images."""
+        if stored is None:
+            return self.encode(images)
+        return self.on_grid(torch.where(flip[:, None, None], stored[:, 1], stored[:, 0]))
+
+    @torch.no_grad()
     def encode(self, images):
         """Encoder features of the clean images (N, T_model, width), on the network's token grid."""
-        z = self.encoder(images)
+        return self.on_grid(self.encoder(images))
+
+    def on_grid(self, z):
         if z.shape[1] != self.grid[0] * self.grid[1] and not self._warned:
             side = math.isqrt(z.shape[1])
             warnings.warn(f"REPA: the encoder {self.name} gives a {side}x{side} token grid and the network "

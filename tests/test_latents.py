@@ -401,3 +401,68 @@ def test_normalised_training_from_the_cache_and_on_the_fly_agree_and_sample_py_d
     out = sample_script.run(compose_config("sample", [f"ckpt={tmp_path / 'cached'}", "num_samples=2", "steps=2",
                                                       f"out={tmp_path}/s", "device=cpu"]))
     assert np.load(out / "samples.npz")["arr_0"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# REPA encoder features stored in the cache (extract_latents.py repa.encoder=...)
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def repa_cache(files):
+    """Random-weight DINOv2 ViT-S/14 weights (timm's layout) and a cache made with its features."""
+    import timm
+    torch.manual_seed(0)
+    weights = files["root"] / "dinov2_vits14_random.pth"
+    torch.save(timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, num_classes=0)
+               .state_dict(), weights)
+    cache = files["root"] / "repa_cache"
+    extract_latents.extract(compose_config("extract", [*extract_overrides(files["vae"], files["images"], cache),
+                                                       "repa.encoder=dinov2-vit-s", f"repa.weights={weights}"]))
+    return {"weights": weights, "cache": cache}
+
+
+REPA_S = ["repa.encoder=dinov2-vit-s", "repa.depth=1", "repa.projector_dim=32"]
+
+
+def test_the_cache_stores_the_encoders_features_of_both_flips(files, repa_cache):
+    from diffusion.repa import build_encoder
+    manifest = read_manifest(repa_cache["cache"])
+    assert manifest["repa"] == {"encoder": "dinov2-vit-s", "tokens": 256, "width": 384}
+    dataset = LatentCacheDataset(repa_cache["cache"])
+    dataset.with_repa_features = True
+    encoder = build_encoder("dinov2-vit-s", weights=str(repa_cache["weights"]), resolution=IMAGE_SIZE)
+    images = ImageFolderDataset(files["images"], IMAGE_SIZE)
+    for i in (0, 5):
+        moments, label, feats = dataset[i]
+        x = images[i][0]
+        with torch.no_grad():
+            expected = encoder(torch.stack([x, x.flip(-1)]))
+        assert feats.shape == (2, 256, 384) and label == images[i][1]
+        torch.testing.assert_close(feats, expected.half().float(), rtol=0, atol=0)
+        torch.testing.assert_close(moments, all_cache_moments(files["cache"])[i])   # the latents are unchanged
+
+
+def test_repa_from_stored_features_trains_as_repa_on_the_fly(files, repa_cache, tmp_path):
+    cached = [*latent_overrides(files, tmp_path / "cached", steps=2, cache=repa_cache["cache"]), *REPA_S]
+    on_the_fly = without(cached, "data", "run_dir") + [
+        "data=imagenet", f"data.path={files['images']}", f"data.image_size={IMAGE_SIZE}", "data.num_workers=0",
+        f"repa.weights={repa_cache['weights']}", f"run_dir={tmp_path}/fly"]
+    with pytest.warns(UserWarning, match="16x16 token grid and the network 4x4"):
+        train_script.train(compose_config(overrides=cached))      # no encoder loaded: no weights given
+    train_script.train(compose_config(overrides=on_the_fly))
+    rows = lambda run: [json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows("cached"), rows("fly")):   # the same targets up to their float16 storage
+        assert a["repa_loss"] == pytest.approx(b["repa_loss"], rel=1e-3)
+        assert a["objective_loss"] == pytest.approx(b["objective_loss"], rel=1e-4)
+    a, b = final_state(tmp_path / "cached"), final_state(tmp_path / "fly")
+    for key in ("model", "ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-3, atol=1e-5)
+    for name in a["repa"]["projector"]:
+        torch.testing.assert_close(a["repa"]["projector"][name], b["repa"]["projector"][name], rtol=1e-3, atol=1e-5)
+
+
+def test_repa_on_a_cache_without_its_features_is_refused(files, tmp_path):
+    cfg = compose_config(overrides=[*latent_overrides(files, tmp_path / "run"), *REPA_S])
+    with pytest.raises(ValueError, match="needs the encoder's features in the latent cache .* holds none"):
+        train_script.train(cfg)
