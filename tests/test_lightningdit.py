@@ -179,3 +179,17 @@ def test_bad_options_are_refused():
         DiT(input_size=8, depth=1, hidden_size=32, num_heads=2, block_type="cross-attn", rope=True)
     with pytest.raises(ConfigError, match="divisible by 4"):
         DiT(input_size=8, depth=1, hidden_size=36, num_heads=6, rope=True)
+
+
+def test_the_published_recipes_compose():
+    from conftest import compose_config
+    cfg = compose_config(overrides=["experiment=lightningdit-xl1-imagenet256", "data.path=/nowhere"])
+    assert cfg.model.name == "LightningDiT-XL/2" and dict(cfg.model.kwargs) == dict(
+        norm="rmsnorm", mlp="swiglu", rope=True, qk_norm=False, wo_shift=False)
+    assert (cfg.diffusion.objective, cfg.diffusion.time_sampling, cfg.diffusion.cosine_loss) == ("flow", "logit_normal", True)
+    assert cfg.vae.normalize and cfg.train.batch_size == 1024 and cfg.optim.lr == 2e-4 and list(cfg.optim.betas) == [0.9, 0.95]
+    assert (cfg.sample.ode.method, cfg.sample.steps, cfg.sample.time_shift, cfg.sample.guidance_low) == ("euler", 250, 0.3, 0.1)
+    cfg = compose_config(overrides=["experiment=repa-sit-xl2-imagenet256", "data.path=/nowhere"])
+    assert cfg.model.name == "DiT-XL/2" and cfg.diffusion.objective == "flow" and cfg.diffusion.time_sampling == "uniform"
+    assert (cfg.repa.encoder, cfg.repa.depth, cfg.repa.coeff, cfg.repa.projector_dim) == ("dinov2-vit-b", 8, 0.5, 2048)
+    assert cfg.optim.grad_clip == 1.0 and cfg.vae.name == "sd-vae-ft-mse" and cfg.train.batch_size == 256
