@@ -411,16 +411,9 @@ def train(cfg):
     if opt_state is not None:
         load_optimizer_state(raw_model, opt, opt_state, fsdp)
     optimizers, param_groups, synced = [opt], [list(raw_model.parameters())], [model]
-    if repa is not None:
-        if repa_state is not None:
-            repa.projector.load_state_dict(repa_state["projector"])
-        repa.distribute(dist.world_size, device)
-        repa_opt = make_opt(repa.parameters())
-        if repa_state is not None:
-            repa_opt.load_state_dict(repa_state["opt"])
-        optimizers.append(repa_opt)
-        param_groups.append(repa.parameters())
-        synced.append(repa.module)
+    if repa is not None:  # the projector trains beside the network: its optimizer, gradients and DDP wrapper
+        repa.start(make_opt, dist.world_size, device, state=repa_state)
+        optimizers.append(repa.opt), param_groups.append(repa.parameters()), synced.append(repa.module)
 
     global_batch = cfg.train.batch_size
     sampler = StepSampler(len(dataset), global_batch, dist.rank, dist.world_size, cfg.seed, start_step=step)
@@ -454,8 +447,7 @@ def train(cfg):
                 "config": OmegaConf.to_container(cfg, resolve=True), "model_args": args,
                 # Every random draw derives from (seed, step): the data position and RNG state are the step.
                 "rng": {"seed": cfg.seed, "samples_seen": step * global_batch}, "skipped_steps": skipped,
-                **({"repa": {"projector": repa.projector.state_dict(), "opt": optimizers[1].state_dict()}}
-                   if repa is not None else {}),
+                **({"repa": repa.state_dict()} if repa is not None else {}),
             }, ckpt_dir, step, keep_last=cfg.train.keep_last)
         barrier()
         boundary.saved()

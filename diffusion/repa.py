@@ -133,8 +133,9 @@ def build_encoder(name, weights=None, resolution=256, device="cpu"):
 
 
 class REPA:
-    """The alignment term for train.py: `attach` once, `encode` the clean images of a step, `add_loss` after each
-    forward pass. Holds the projector and its optimizer."""
+    """The alignment term for train.py: built on the bare network (its hook goes on block `depth` before any
+    wrapping), `start` before the first step, `targets` of each step's clean images, `add_loss` after each forward
+    pass. Holds the projector and, once started, its optimizer `opt`."""
 
     def __init__(self, model, encoder, depth=8, coeff=0.5, projector_dim=2048, weights=None, image_size=256,
                  device="cpu", stored_width=None, seed=0):
@@ -153,16 +154,27 @@ class REPA:
         width = stored_width or self.encoder.width
         self.projector = projector(model.pos_embed.shape[-1], projector_dim, width, seed).to(device)
         self.module = self.projector     # what the loop calls: the projector, or its DDP wrapper
+        self.opt = None
         self.hidden = None
         self.hook = blocks[depth - 1].register_forward_hook(self._keep)
         self._warned = False
 
-    def distribute(self, world_size, device):
-        """Several processes: the projector's gradients are averaged by its own DDP wrapper (under DDP and FSDP)."""
+    def start(self, make_optimizer, world_size=1, device=None, state=None):
+        """Before the first step: restore a checkpoint's `state` (state_dict()), wrap the projector in its own DDP
+        under several processes (under DDP and FSDP alike: it is small) and give it an optimizer, `self.opt`."""
+        if state is not None:
+            self.projector.load_state_dict(state["projector"])
         if world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.module = DDP(self.projector, device_ids=[device.index] if device.type == "cuda" else None)
+        self.opt = make_optimizer(self.projector.parameters())
+        if state is not None:
+            self.opt.load_state_dict(state["opt"])
         return self
+
+    def state_dict(self):
+        """What a checkpoint keeps: the projector and its optimizer."""
+        return {"projector": self.projector.state_dict(), "opt": self.opt.state_dict()}
 
     def _keep(self, module, args, output):
         self.hidden = output

@@ -142,3 +142,18 @@ def test_compiled_blocks_keep_the_hook_and_match_eager(tmp_path):
     compiled, eager = final_state(tmp_path / "compiled"), final_state(tmp_path / "eager")
     for name, value in eager["model"].items():
         torch.testing.assert_close(compiled["model"][name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [["diffusion=ddpm"], ["precision=bf16"]])
+def test_repa_trains_with_ddpm_and_in_bf16_and_sample_py_needs_no_projector(extra, tmp_path):
+    import json
+
+    import numpy as np
+
+    import sample as sample_script
+    train_script.train(compose_config(overrides=[*REPA_RUN, *extra, "train.steps=2", f"run_dir={tmp_path}/run"]))
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["repa_loss"]) and np.isfinite(r["objective_loss"]) for r in rows if "loss" in r)
+    out = sample_script.run(compose_config("sample", [f"ckpt={tmp_path / 'run'}", "num_samples=2", "steps=2",
+                                                      f"out={tmp_path}/s", "device=cpu"]))
+    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 2
