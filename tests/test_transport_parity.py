@@ -134,7 +134,11 @@ def test_likelihood(reference):
         tol = 1e-4 if method == "dopri5" else 1e-5
         assert rel_err(logp, expected["logp"]) < tol, key
         assert rel_err(z, expected["z"]) < tol, key
-        assert torch.equal(after, expected["after"]), key
+        if method != "dopri5":
+            # One Hutchinson probe per drift evaluation: a fixed grid draws exactly as SiT does. dopri5 draws once per
+            # evaluation too, but how many evaluations it makes (accepted and rejected steps) turns on its error
+            # estimate, which rounding differences between CPUs and kernels can tip either way (seen 2026-12-03).
+            assert torch.equal(after, expected["after"]), key
 
 
 def test_likelihood_works_with_gradients_enabled():
