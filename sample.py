@@ -104,6 +104,42 @@ def load_decoder(vae_cfg, info, channels):
     return vae
 
 
+TRAINING_ONLY = ("time_sampling", "time_mean", "time_std", "cosine_loss", "loss_weight", "train_eps", "use_kl",
+                 "rescale_learned_sigmas", "timestep_respacing")
+
+
+def load_guide(cfg, info, device, set_aside):
+    """Autoguidance's guide network (guidance=auto): a checkpoint or run folder of the same objective and data as
+    the main model, smaller or less trained; refused with the reason when it does not fit."""
+    if cfg.guidance not in ("cfg", "auto"):
+        raise ConfigError(f"guidance={cfg.guidance!r}; choose cfg (classifier-free) or auto (autoguidance, with "
+                         f"guide_ckpt=<checkpoint or run_dir>)")
+    if cfg.guidance == "cfg":
+        if cfg.guide_ckpt is not None:
+            raise ConfigError("guide_ckpt is autoguidance's guide: add guidance=auto (or leave guide_ckpt out)")
+        return None
+    if cfg.guide_ckpt is None:
+        raise ConfigError("guidance=auto needs guide_ckpt=<checkpoint or run_dir> of a smaller or earlier model "
+                         "trained with the same objective on the same data")
+    path, ckpt = resolve_checkpoint(cfg.guide_ckpt, set_aside=set_aside)
+    guide, guide_info = load_sampling_model(path, cfg.guide_use_ema, ckpt)
+    main, other = info["model_args"], guide_info["model_args"]
+    same = lambda key, a, b: a.get(key) == b.get(key)
+    problems = [f"{key} {main.get(key)} against the guide's {other.get(key)}" for key in
+                ("input_size", "in_channels", "num_classes", "learn_sigma") if not same(key, main, other)]
+    if not same("vae", main, other) and (main.get("vae") or {}).get("id") != (other.get("vae") or {}).get("id"):
+        problems.append(f"the VAE {(main.get('vae') or {}).get('id')} against the guide's "
+                        f"{(other.get('vae') or {}).get('id')}")
+    # What sampling reads of the objective must agree; how training drew t or weighted the loss may differ.
+    objective = lambda d: {"objective": "ddpm", **{k: v for k, v in d.items() if k not in TRAINING_ONLY}}
+    if objective(info["diffusion"]) != objective(guide_info["diffusion"]):
+        problems.append(f"diffusion {info['diffusion']} against the guide's {guide_info['diffusion']}")
+    if problems:
+        raise ConfigError(f"the guide {path} does not fit the model: {'; '.join(problems)}. Autoguidance needs a "
+                         f"guide trained with the same objective on the same data (a smaller or earlier model)")
+    return guide.to(device).eval(), path
+
+
 SAMPLER_KEYS = ("sampler", "steps", "eta", "cfg_scale", "cfg_channels", "guidance_low", "guidance_high", "time_shift",
                 "ode", "sde")
 
@@ -118,7 +154,7 @@ def sampler_options(cfg, diffusion_kwargs):
 def default_out(ckpt_arg, cfg, options):
     """Where samples go by default: inside the run folder when given one."""
     name = options["sampler"] + (f"-{options['ode']['method']}" if options["sampler"] == "ode" else "")
-    tag = f"{name}{options['steps']}-cfg{cfg.cfg_scale:g}-seed{cfg.seed}"
+    tag = f"{name}{options['steps']}-{'auto' if cfg.guidance == 'auto' else 'cfg'}{cfg.cfg_scale:g}-seed{cfg.seed}"
     base = Path(ckpt_arg)
     return (base / "samples" if base.is_dir() else Path("samples") / base.stem) / tag
 
@@ -138,6 +174,7 @@ def run(cfg):
     # What lands on disk: decoded RGB images for latent models.
     image_channels, image_size = (vae.image_channels, size * vae.downsample) if vae else (channels, size)
     options = sampler_options(cfg, info["diffusion"])   # a sampler that does not fit the objective stops here
+    guide, guide_path = load_guide(cfg, info, device, dist.is_main) or (None, None)
     out = Path(cfg.out) if cfg.out else default_out(cfg.ckpt, cfg, options)
     labels_cycle = list(cfg.class_labels) if cfg.class_labels else list(range(max(num_classes, 1)))
     if num_classes == 0:
@@ -157,7 +194,7 @@ def run(cfg):
             cfg.seed * 1_000_003 + int(i))) for i in batch]).to(device)
         y = torch.tensor([labels_cycle[int(i) % len(labels_cycle)] for i in batch], device=device)
         with torch.no_grad(), autocast:
-            x0 = sample(model, noise, y, null_class=num_classes, **options,
+            x0 = sample(model, noise, y, null_class=num_classes, **options, guidance=cfg.guidance, guide_model=guide,
                         clip_denoised=vae is None, diffusion_kwargs=info["diffusion"])  # latents are not in [-1, 1]
         if vae is not None:
             x0 = vae.decode(x0)                                          # fp32, (n, 3, H, W) in [-1, 1]
@@ -190,7 +227,8 @@ def run(cfg):
         save_grid(grid, out / "grid.png", nrow=nrow)
         provenance = {"ckpt": str(ckpt_path), "step": info["step"], "weights": info["weights"],
                       "model": args, "vae": vae.identifier if vae else None,
-                      "objective": info["diffusion"].get("objective", "ddpm"), **options, "num_samples": int(len(arr)),
+                      "objective": info["diffusion"].get("objective", "ddpm"), **options, "guidance": cfg.guidance,
+                      "guide": None if guide_path is None else str(guide_path), "num_samples": int(len(arr)),
                       "seed": cfg.seed, "precision": cfg.precision, "world_size": dist.world_size}
         (out / "samples.json").write_text(json.dumps(provenance, indent=2))
         print(f"wrote {len(arr)} samples to {out / 'samples.npz'} and a grid to {out / 'grid.png'}")

@@ -13,7 +13,7 @@ from diffusers import DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from . import create_diffusion
-from .guidance import classifier_free_guidance
+from .guidance import autoguidance, classifier_free_guidance
 from .objectives import build_objective, objective_name
 from .transport import Sampler
 from utils.errors import ConfigError
@@ -46,7 +46,7 @@ def resolve_sampler(diffusion_kwargs, sampler="auto", steps=None):
 
 def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_scale=1.0, cfg_channels=None,
            guidance_low=None, guidance_high=None, eta=0.0, clip_denoised=False, diffusion_kwargs=None, time_shift=1.0,
-           ode=None, sde=None, generator=None, progress=False):
+           ode=None, sde=None, generator=None, progress=False, guidance="cfg", guide_model=None):
     """Draw x_0 (DDPM) or x_1 (flow) from the given starting noise, conditioned on `labels`.
 
     model: model(x, t, y); labels: (N,) class ids (null_class for unconditional samples).
@@ -61,13 +61,22 @@ def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_
     ode: dict(method, atol, rtol) for sampler="ode"; sde: dict(method, diffusion_form, diffusion_norm, last_step,
         last_step_size) for sampler="sde"; missing keys take ODE_DEFAULTS / SDE_DEFAULTS.
     generator: a torch.Generator for the SDE's noise (flows; default: torch's global RNG).
+    guidance: "cfg" (classifier-free, weight cfg_scale) or "auto" (autoguidance by `guide_model`, a weaker network
+        of the same objective and data, weight cfg_scale); the interval and cfg_channels apply to both.
     """
     sampler, steps = resolve_sampler(diffusion_kwargs, sampler, steps)
     interval = (-math.inf if guidance_low is None else guidance_low, math.inf if guidance_high is None else guidance_high)
-    guide = lambda network: classifier_free_guidance(network, cfg_scale, null_class, cfg_channels, interval)
+    if guidance not in ("cfg", "auto") or (guidance == "auto") != (guide_model is not None):
+        raise ConfigError(f"guidance={guidance!r}: use guidance=cfg, or guidance=auto with a guide model (guide_ckpt=...)")
+    as_fn = (lambda network: network) if sampler not in SAMPLERS["flow"] else \
+        build_objective(diffusion_kwargs).network    # flows: guidance sees SiT time; the network sees t * time_scale
+    if guidance == "auto":
+        guide = lambda network: autoguidance(network, as_fn(guide_model), cfg_scale, cfg_channels, interval)
+    else:
+        guide = lambda network: classifier_free_guidance(network, cfg_scale, null_class, cfg_channels, interval)
     if sampler in SAMPLERS["flow"]:
         objective = build_objective(diffusion_kwargs)
-        fn = guide(objective.network(model))   # guidance sees SiT time; the network sees t * time_scale
+        fn = guide(objective.network(model))
         x = flow_sample(objective.transport, fn, noise, labels, sampler, steps, time_shift, ode, sde, generator,
                         progress)
         return x.clamp(-1, 1) if clip_denoised else x
