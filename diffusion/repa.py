@@ -143,6 +143,9 @@ class REPA:
         if blocks is None:
             raise ConfigError(f"repa aligns a transformer block's tokens; {type(model).__name__} has no blocks "
                              f"(use a DiT or LightningDiT model, or repa.encoder=null)")
+        if getattr(model, "block_type", None) == "in-context":
+            raise ConfigError("repa aligns one token per patch; the in-context block type adds two tokens to the "
+                             "sequence: use adaLN-Zero, adaLN or cross-attn blocks with REPA")
         if not 1 <= depth <= len(blocks):
             raise ConfigError(f"repa.depth={depth} but the model has {len(blocks)} blocks; choose 1..{len(blocks)} "
                              f"(REPA aligns block 8 of SiT-XL/2's 28; DiT-Mini/2 on the digits: 2)")

@@ -66,6 +66,10 @@ def test_repa_refuses_what_it_cannot_align():
     unet = create_model("UNet-T8", input_size=8, in_channels=1, num_classes=10, learn_sigma=False)
     with pytest.raises(ConfigError, match="has no blocks"):
         REPA(unet, "digits", depth=1)
+    in_context = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+                     learn_sigma=False, block_type="in-context")
+    with pytest.raises(ConfigError, match="in-context"):
+        REPA(in_context, "digits", depth=1)
     with pytest.raises(ConfigError, match="unknown repa.encoder"):
         REPA(small_model(), "clip", depth=1)
 
