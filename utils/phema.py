@@ -1,0 +1,91 @@
+"""EDM2's post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models",
+2312.02696, Sec. 3 and App. C): the math, and power-function EMAs to track during training.
+
+A power-function EMA at training time t (counted in training images) averages the raw weights theta(tau), tau in
+[0, t], with the profile p_t(tau) = (gamma + 1) / t * (tau / t)^gamma. Its length is the relative standard deviation
+sigma_rel = std(p_t) / t = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))), which does not depend on t. Snapshots
+of a few such EMAs (EDM2: sigma_rel 0.05 and 0.10) stored during training let any other profile be reconstructed
+after training as their least-squares combination: its coefficients solve A x = b with A the Gram matrix of the
+stored profiles' inner products and b their inner products with the target, both in closed form.
+
+Not yet wired into train.py (issue 16): this module holds the math and the tracker, tested on their own.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from utils.errors import ConfigError
+
+SIGMA_REL_MAX = 1 / math.sqrt(12)   # gamma -> 0: the uniform average over all of training
+
+
+def gamma_to_sigma_rel(gamma):
+    """The relative standard deviation of a power-function profile with exponent gamma (> 0)."""
+    gamma = np.asarray(gamma, dtype=np.float64)
+    return np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def sigma_rel_to_gamma(sigma_rel):
+    """The exponent of the profile with this sigma_rel: the largest real root of
+    gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2) = 0, i.e. (gamma + 2)^2 (gamma + 3) = s^-2 (gamma + 1)."""
+    s = float(sigma_rel)
+    if not 0 < s < SIGMA_REL_MAX:
+        raise ConfigError(f"sigma_rel={s} is outside (0, 1/sqrt(12) = {SIGMA_REL_MAX:.5f}): a power-function EMA "
+                         f"cannot be longer than the uniform average of the whole run")
+    roots = np.roots([1.0, 7.0, 16.0 - s ** -2, 12.0 - s ** -2])
+    return float(max(r.real for r in roots if abs(r.imag) < 1e-9))
+
+
+def power_beta(gamma, t_next, t_delta):
+    """The decay of one update that advances the EMA from t_next - t_delta to t_next images: (1 - dt/t)^(gamma+1)."""
+    return (1 - t_delta / t_next) ** (gamma + 1)
+
+
+def profile_inner(t_a, gamma_a, t_b, gamma_b):
+    """<p_a, p_b> = integral of the product of two power-function profiles (ending at t_a and t_b), float64,
+    broadcasting over arrays."""
+    t_a, gamma_a, t_b, gamma_b = (np.asarray(v, dtype=np.float64) for v in (t_a, gamma_a, t_b, gamma_b))
+    # The product is nonzero on [0, min(t_a, t_b)]; integrated, and written with a ratio <= 1 (no overflow):
+    # (g_a+1)(g_b+1) / ((g_a+g_b+1) max(t_a, t_b)) * (min/max)^g, g the exponent of the profile that ends later.
+    ratio = np.where(t_a < t_b, (t_a / t_b) ** gamma_b, (t_b / t_a) ** gamma_a)
+    return (gamma_a + 1) * (gamma_b + 1) / ((gamma_a + gamma_b + 1) * np.maximum(t_a, t_b)) * ratio
+
+
+def solve_coefficients(times, gammas, target_time, target_gamma):
+    """Coefficients x (N,) with sum 1 such that sum_i x_i p_i is the least-squares fit of the target profile, for
+    stored profiles i ending at times[i] with exponents gammas[i]."""
+    times, gammas = np.asarray(times, dtype=np.float64), np.asarray(gammas, dtype=np.float64)
+    if np.any(times > target_time) or np.any(times <= 0):
+        raise ConfigError("post-hoc EMA: use snapshots taken after the start and no later than the target time")
+    gram = profile_inner(times[:, None], gammas[:, None], times[None, :], gammas[None, :])
+    rhs = profile_inner(times, gammas, target_time, target_gamma)
+    x = np.linalg.solve(gram, rhs)
+    return x / x.sum()
+
+
+class PowerEMA:
+    """Power-function EMAs of a module's parameters for several sigma_rel, advanced by images seen (EDM2's
+    PowerFunctionEMA): update(model, t_next, t_delta) after each step; the first update copies the network."""
+
+    def __init__(self, model, sigma_rels=(0.05, 0.10)):
+        self.sigma_rels = tuple(float(s) for s in sigma_rels)
+        self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
+        self.emas = [[p.detach().clone().float() for p in model.parameters()] for _ in self.sigma_rels]
+
+    @torch.no_grad()
+    def update(self, model, t_next, t_delta):
+        params = [p.detach().float() for p in model.parameters()]
+        for gamma, ema in zip(self.gammas, self.emas):
+            beta = power_beta(gamma, t_next, t_delta)
+            torch._foreach_lerp_(ema, params, 1 - beta)
+
+    def state_dict(self):
+        return {"sigma_rels": list(self.sigma_rels), "emas": [[t.clone() for t in ema] for ema in self.emas]}
+
+    def load_state_dict(self, state):
+        if list(state["sigma_rels"]) != list(self.sigma_rels):
+            raise ConfigError(f"the saved post-hoc EMAs track sigma_rel {state['sigma_rels']}, the config "
+                             f"{list(self.sigma_rels)}")
+        self.emas = [[t.clone() for t in ema] for ema in state["emas"]]
