@@ -42,6 +42,7 @@ from utils.checkpoint import list_checkpoints, load_model_weights, load_newest, 
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.errors import ConfigError, Diverged, report_user_errors
 from utils.guard import StepBoundary
+from utils.phema import PowerEMA, write_snapshots
 from utils.images import save_grid, to_uint8
 from utils.logger import RunLogger, truncate_metrics
 from utils.parallel import checkpoint_activations, compile_blocks, full_state_dict, shard_model
@@ -311,6 +312,21 @@ def clip_gradients(groups, max_norm):
     return total
 
 
+def build_phema(cfg, model, state):
+    """The post-hoc EMA tracker (utils/phema.py), or None when ema.posthoc is off."""
+    if not cfg.ema.posthoc:
+        return None
+    if cfg.train.parallel == "fsdp":
+        raise ConfigError("ema.posthoc=true is not supported with train.parallel=fsdp yet; use train.parallel=ddp")
+    if cfg.ema.snapshot_every % cfg.train.batch_size:
+        raise ConfigError(f"ema.snapshot_every={cfg.ema.snapshot_every} images must be a multiple of "
+                         f"train.batch_size={cfg.train.batch_size} (snapshots are taken at step boundaries)")
+    tracker = PowerEMA(model, cfg.ema.stds)
+    if state is not None:
+        tracker.load_state_dict(state)
+    return tracker
+
+
 def build_repa(cfg, model, dataset, device):
     """REPA's alignment term (diffusion/repa.py), or None when repa.encoder is null."""
     if not cfg.repa.encoder:
@@ -388,7 +404,7 @@ def train(cfg):
     stats = model_stats(lambda: build_model(args), shape)
 
     # Resume from the newest complete checkpoint, if any (weights load before any wrapping or sharding).
-    step, opt_state, skipped, repa_state = 0, None, 0, None
+    step, opt_state, skipped, repa_state, phema_state = 0, None, 0, None, None
     # The newest checkpoint that loads; one cut short or damaged is skipped with a warning and set aside.
     ckpt_path, ckpt = load_newest(ckpt_dir, map_location=device, set_aside=dist.is_main)
     if ckpt_path is not None:
@@ -396,12 +412,13 @@ def train(cfg):
         load_model_weights(model, ckpt["model"], ckpt_path)
         load_model_weights(ema, ckpt["ema"], ckpt_path)
         step, opt_state, skipped = ckpt["step"], ckpt["opt"], ckpt.get("skipped_steps", 0)
-        repa_state = ckpt.get("repa")
+        repa_state, phema_state = ckpt.get("repa"), ckpt.get("phema")
         del ckpt
     if dist.is_main:
         truncate_metrics(run_dir / "metrics.jsonl", step)
 
     raw_model = model
+    phema = build_phema(cfg, raw_model, phema_state)   # post-hoc EMA (EDM2): tracked EMAs, snapshots
     repa = build_repa(cfg, raw_model, dataset, device)   # REPA: a hook on one block, a projector with its own optimizer
     model = parallelize(model, ema, cfg, dist, device)
     fsdp = cfg.train.parallel == "fsdp"
@@ -447,6 +464,7 @@ def train(cfg):
                 "config": OmegaConf.to_container(cfg, resolve=True), "model_args": args,
                 # Every random draw derives from (seed, step): the data position and RNG state are the step.
                 "rng": {"seed": cfg.seed, "samples_seen": step * global_batch}, "skipped_steps": skipped,
+                **({"phema": phema.state_dict()} if phema is not None else {}),
                 **({"repa": repa.state_dict()} if repa is not None else {}),
             }, ckpt_dir, step, keep_last=cfg.train.keep_last)
         barrier()
@@ -515,6 +533,8 @@ def train(cfg):
             for o in optimizers:
                 o.step()
             update_ema(ema, raw_model, cfg.ema.decay)
+            if phema is not None:  # EDM2's power-function EMAs, advanced by images seen
+                phema.update(raw_model, (step + 1) * global_batch, global_batch)
         else:
             skipped += 1
             if skipped > cfg.train.skip_nonfinite:
@@ -552,6 +572,9 @@ def train(cfg):
                 logger.log(row)
                 progress.set_postfix(loss=f"{means['loss']:.4f}")
             window_start, window_steps, sums = time.perf_counter(), 0, {}
+        if phema is not None and (step * global_batch) % cfg.ema.snapshot_every == 0 and dist.is_main:
+            write_snapshots(run_dir / "phema", phema, raw_model, step * global_batch,
+                            {"step": step, "model_args": args, "config": OmegaConf.to_container(cfg, resolve=True)})
         saved = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
         if saved:
             checkpoint()

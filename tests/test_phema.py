@@ -85,3 +85,50 @@ def test_the_tracker_state_round_trips():
     assert all(torch.equal(a, b) for a, b in zip(ema.emas[0], other.emas[0]))
     with pytest.raises(ConfigError, match="track sigma_rel"):
         PowerEMA(net, (0.10,)).load_state_dict(ema.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In training: snapshots, exact resume, reconstruction into a checkpoint sample.py reads
+# ------------------------------------------------------------------------------------------------------------
+
+def posthoc_run(run_dir, steps=6):
+    import train as train_script
+    from conftest import TINY, compose_config
+    train_script.train(compose_config(overrides=[*TINY, f"train.steps={steps}", "train.ckpt_every=3",
+                                                 "ema.posthoc=true", "ema.snapshot_every=32", f"run_dir={run_dir}"]))
+
+
+def test_training_writes_snapshots_resumes_them_exactly_and_reconstructs_a_stored_one(tmp_path):
+    from utils.phema import list_snapshots, main, reconstruct
+    posthoc_run(tmp_path / "whole")
+    posthoc_run(tmp_path / "split", steps=3)
+    posthoc_run(tmp_path / "split")
+    whole = list_snapshots(tmp_path / "whole" / "phema")
+    assert [(images, s) for images, s, _ in whole] == [(i, s) for i in (32, 64, 96) for s in (0.05, 0.10)]
+    for (_, _, a), (_, _, b) in zip(whole, list_snapshots(tmp_path / "split" / "phema")):   # batch 16: 2 steps each
+        sa, sb = torch.load(a, weights_only=True)["ema"], torch.load(b, weights_only=True)["ema"]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not list((tmp_path / "whole" / "phema").glob(".*tmp*"))
+    stored = torch.load(whole[-1][2], weights_only=True)["ema"]            # sigma_rel 0.10 at 96 images
+    state, info = reconstruct(tmp_path / "whole" / "phema", 0.10)
+    assert info["coefficients"][-1] == pytest.approx(1.0, abs=1e-6)
+    for k, v in stored.items():
+        torch.testing.assert_close(state[k], v, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="no snapshot time"):
+        reconstruct(tmp_path / "whole" / "phema", 0.07, images=50)
+    with pytest.raises(ConfigError, match="no post-hoc EMA snapshots"):
+        reconstruct(tmp_path / "nothing", 0.07)
+    written = main([str(tmp_path / "whole"), "--sigma-rel", "0.07"])
+    import sample as sample_script
+    from conftest import compose_config
+    out = sample_script.run(compose_config("sample", [f"ckpt={written[0]}", "num_samples=2", "steps=2",
+                                                      f"out={tmp_path}/s", "device=cpu"]))
+    assert np.load(out / "samples.npz")["arr_0"].shape[0] == 2
+
+
+def test_snapshots_must_fall_on_step_boundaries(tmp_path):
+    import train as train_script
+    from conftest import TINY, compose_config
+    with pytest.raises(ConfigError, match="multiple of train.batch_size"):
+        train_script.train(compose_config(overrides=[*TINY, "ema.posthoc=true", "ema.snapshot_every=40",
+                                                     f"run_dir={tmp_path}"]))

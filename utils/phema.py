@@ -8,10 +8,21 @@ of a few such EMAs (EDM2: sigma_rel 0.05 and 0.10) stored during training let an
 after training as their least-squares combination: its coefficients solve A x = b with A the Gram matrix of the
 stored profiles' inner products and b their inner products with the target, both in closed form.
 
-Not yet wired into train.py (issue 16): this module holds the math and the tracker, tested on their own.
+In training (`ema.posthoc=true`): train.py tracks `ema.stds` with PowerEMA and every `ema.snapshot_every` images
+writes each as run_dir/phema/phema-<images>-<sigma_rel>.pt (fp32, atomically); the tracker's state is in every
+checkpoint, so a resumed run continues it exactly. After training:
+
+    python -m utils.phema RUN_DIR --sigma-rel 0.05 0.08 0.12 [--images N]
+
+writes run_dir/phema/reconstructed-<images>-<sigma_rel>.pt for each, a checkpoint sample.py reads
+(`sample.py ckpt=<that file>`), from the snapshots up to N images (default: the newest snapshot).
 """
 
+import argparse
 import math
+import os
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,3 +100,87 @@ class PowerEMA:
             raise ConfigError(f"the saved post-hoc EMAs track sigma_rel {state['sigma_rels']}, the config "
                              f"{list(self.sigma_rels)}")
         self.emas = [[t.clone() for t in ema] for ema in state["emas"]]
+
+    def snapshot_states(self, model):
+        """{sigma_rel: state_dict of `model` with that EMA's parameters (fp32) and the model's buffers}."""
+        names = [name for name, _ in model.named_parameters()]
+        states = {}
+        for sigma_rel, ema in zip(self.sigma_rels, self.emas):
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            state.update({name: value.clone() for name, value in zip(names, ema)})
+            states[sigma_rel] = state
+        return states
+
+
+SNAPSHOT = re.compile(r"phema-(\d+)-(\d+\.\d+)\.pt$")
+
+
+def snapshot_path(folder, images, sigma_rel):
+    return Path(folder) / f"phema-{int(images):010d}-{sigma_rel:.3f}.pt"
+
+
+def write_snapshots(folder, tracker, model, images, extra):
+    """One file per tracked sigma_rel at `images` images seen (temporary file + rename)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for sigma_rel, state in tracker.snapshot_states(model).items():
+        path = snapshot_path(folder, images, sigma_rel)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save({"ema": state, "images": int(images), "sigma_rel": sigma_rel,
+                    "gamma": sigma_rel_to_gamma(sigma_rel), **extra}, tmp)
+        os.replace(tmp, path)
+
+
+def list_snapshots(folder):
+    """[(images, sigma_rel, path)] of the snapshots in a folder, by images then sigma_rel."""
+    found = [(int(m.group(1)), float(m.group(2)), p) for p in Path(folder).glob("phema-*.pt")
+             if (m := SNAPSHOT.search(p.name))]
+    return sorted(found)
+
+
+def reconstruct(folder, sigma_rel, images=None):
+    """(state_dict, info) of the EMA with `sigma_rel` at `images` images seen (default: the newest snapshot),
+    the least-squares combination of the snapshots taken up to then."""
+    snapshots = list_snapshots(folder)
+    if not snapshots:
+        raise ConfigError(f"no post-hoc EMA snapshots in {folder}; train with ema.posthoc=true (and "
+                         f"ema.snapshot_every=<images>) to write them")
+    images = snapshots[-1][0] if images is None else int(images)
+    used = [s for s in snapshots if 0 < s[0] <= images]
+    if images not in {s[0] for s in used}:
+        raise ConfigError(f"--images {images} is no snapshot time in {folder}; choose one of "
+                         f"{sorted({s[0] for s in snapshots})}")
+    x = solve_coefficients([s[0] for s in used], [sigma_rel_to_gamma(s[1]) for s in used], images,
+                           sigma_rel_to_gamma(sigma_rel))
+    total, last = None, None
+    for coefficient, (_, _, path) in zip(x, used):
+        last = torch.load(path, map_location="cpu", weights_only=True)
+        weighted = {k: v.double() * float(coefficient) for k, v in last["ema"].items() if v.is_floating_point()}
+        total = weighted if total is None else {k: total[k] + weighted[k] for k in total}
+    state = {k: (total[k].float() if k in total else v) for k, v in last["ema"].items()}
+    return state, {"images": images, "sigma_rel": sigma_rel, "snapshots": len(used),
+                   "coefficients": [float(c) for c in x], "last": last}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Reconstruct post-hoc EMAs of a run (EDM2) as sample.py checkpoints")
+    parser.add_argument("run_dir")
+    parser.add_argument("--sigma-rel", type=float, nargs="+", required=True)
+    parser.add_argument("--images", type=int, default=None, help="a snapshot time (default: the newest)")
+    args = parser.parse_args(argv)
+    folder = Path(args.run_dir) / "phema"
+    written = []
+    for sigma_rel in args.sigma_rel:
+        state, info = reconstruct(folder, sigma_rel, args.images)
+        last = info["last"]
+        out = folder / f"reconstructed-{info['images']:010d}-{sigma_rel:.3f}.pt"
+        torch.save({"model": state, "ema": state, "step": last["step"], "config": last["config"],
+                    "model_args": last["model_args"], "phema": {k: v for k, v in info.items() if k != "last"}}, out)
+        written.append(out)
+        print(f"sigma_rel {sigma_rel:.3f} at {info['images']} images from {info['snapshots']} snapshots: {out}")
+    return written
+
+
+if __name__ == "__main__":
+    from utils.errors import report_user_errors
+    report_user_errors(main)()
