@@ -132,3 +132,17 @@ def test_snapshots_must_fall_on_step_boundaries(tmp_path):
     with pytest.raises(ConfigError, match="multiple of train.batch_size"):
         train_script.train(compose_config(overrides=[*TINY, "ema.posthoc=true", "ema.snapshot_every=40",
                                                      f"run_dir={tmp_path}"]))
+
+
+def test_the_sweep_scores_every_reconstruction_and_marks_the_best(tmp_path):
+    import json
+
+    from utils.phema import main
+    posthoc_run(tmp_path / "run")
+    main([str(tmp_path / "run"), "--sigma-rel", "0.05", "0.08", "--sweep", "--sample-args", "num_samples=20",
+          "batch_size=20", "steps=2", "device=cpu"])
+    result = json.loads((tmp_path / "run" / "phema" / "phema_sweep.json").read_text())
+    assert [r["sigma_rel"] for r in result["rows"]] == [0.05, 0.08]
+    assert all(np.isfinite(r["fid"]) and r["fid"] > 0 and r["features"] == "digits" for r in result["rows"])
+    assert result["best"]["fid"] == min(r["fid"] for r in result["rows"])
+    assert (tmp_path / "run" / "phema" / "phema_sweep.png").stat().st_size > 0

@@ -15,7 +15,9 @@ checkpoint, so a resumed run continues it exactly. After training:
     python -m utils.phema RUN_DIR --sigma-rel 0.05 0.08 0.12 [--images N]
 
 writes run_dir/phema/reconstructed-<images>-<sigma_rel>.pt for each, a checkpoint sample.py reads
-(`sample.py ckpt=<that file>`), from the snapshots up to N images (default: the newest snapshot).
+(`sample.py ckpt=<that file>`), from the snapshots up to N images (default: the newest snapshot). With --sweep it also
+samples each, scores it (digits features on digits runs, Inception elsewhere with --ref) and plots FD against
+sigma_rel with the best marked (run_dir/phema/phema_sweep.png and .json).
 """
 
 import argparse
@@ -162,11 +164,62 @@ def reconstruct(folder, sigma_rel, images=None):
                    "coefficients": [float(c) for c in x], "last": last}
 
 
+def sweep(written, sigma_rels, out, sample_args=(), features=None, reference=None, weights=None):
+    """Score each reconstruction: sample.py's samples, FID (FD) on `features` against `reference` (default: the
+    digits network and the digits' train split for digits runs), plotted against sigma_rel with the best marked."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evaluation import ImageSource, digits_reference, evaluate
+    import sample as sample_script
+    from hydra import compose, initialize_config_dir
+    config_dir = str(Path(__file__).resolve().parents[1] / "conf")
+    rows = []
+    for path, sigma_rel in zip(written, sigma_rels):
+        data = torch.load(path, map_location="cpu", weights_only=True)["config"]["data"]["name"]
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            cfg = compose("sample", overrides=[f"ckpt={path}", f"out={Path(out) / f'samples-{sigma_rel:.3f}'}",
+                                               *sample_args])
+        samples = sample_script.run(cfg) / "samples.npz"
+        arrays = np.load(samples)
+        net = features or ("digits" if data == "digits" else "inception")
+        ref = reference or (digits_reference() if net == "digits" else None)
+        if ref is None:
+            raise ConfigError(f"the sweep scores with {net} features: give --ref <statistics npz made with them>")
+        result = evaluate(ImageSource.from_array(arrays["arr_0"], labels=arrays["arr_1"]), ref, features=net,
+                          weights=weights, progress=False)
+        rows.append({"sigma_rel": sigma_rel, "fid": float(result["fid"]), "features": net,
+                     **({"class_accuracy": float(result["class_accuracy"])} if "class_accuracy" in result else {})})
+        print(f"sigma_rel {sigma_rel:.3f}: FD ({net}) {rows[-1]['fid']:.4f}")
+    best = min(rows, key=lambda r: r["fid"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["sigma_rel"] for r in rows], [r["fid"] for r in rows], "o-")
+    ax.plot([best["sigma_rel"]], [best["fid"]], "r*", markersize=14, label=f"best: sigma_rel {best['sigma_rel']:.3f}")
+    ax.set_xlabel("EMA length sigma_rel (post-hoc)")
+    ax.set_ylabel(f"FD ({best['features']} features)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(out) / "phema_sweep.png", dpi=130)
+    (Path(out) / "phema_sweep.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1))
+    print(f"best sigma_rel {best['sigma_rel']:.3f} (FD {best['fid']:.4f}); plot {Path(out) / 'phema_sweep.png'}")
+    return rows, best
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Reconstruct post-hoc EMAs of a run (EDM2) as sample.py checkpoints")
+    parser = argparse.ArgumentParser(description="Reconstruct post-hoc EMAs of a run (EDM2) as sample.py checkpoints, "
+                                                 "and with --sweep score each and plot FD against sigma_rel")
     parser.add_argument("run_dir")
     parser.add_argument("--sigma-rel", type=float, nargs="+", required=True)
     parser.add_argument("--images", type=int, default=None, help="a snapshot time (default: the newest)")
+    parser.add_argument("--sweep", action="store_true", help="sample and score each reconstruction")
+    parser.add_argument("--sample-args", nargs="*", default=["num_samples=1000", "batch_size=500"],
+                        help="sample.py overrides for the sweep (e.g. steps=25 device=cuda)")
+    parser.add_argument("--features", default=None, help="default: digits for digits runs, else inception")
+    parser.add_argument("--ref", default=None, help="reference statistics (default for digits: the train split)")
+    parser.add_argument("--weights", default=None, help="the feature network's weights file")
     args = parser.parse_args(argv)
     folder = Path(args.run_dir) / "phema"
     written = []
@@ -178,6 +231,8 @@ def main(argv=None):
                     "model_args": last["model_args"], "phema": {k: v for k, v in info.items() if k != "last"}}, out)
         written.append(out)
         print(f"sigma_rel {sigma_rel:.3f} at {info['images']} images from {info['snapshots']} snapshots: {out}")
+    if args.sweep:
+        sweep(written, args.sigma_rel, folder, args.sample_args, args.features, args.ref, args.weights)
     return written
 
 
