@@ -146,3 +146,26 @@ def test_the_sweep_scores_every_reconstruction_and_marks_the_best(tmp_path):
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 and r["features"] == "digits" for r in result["rows"])
     assert result["best"]["fid"] == min(r["fid"] for r in result["rows"])
     assert (tmp_path / "run" / "phema" / "phema_sweep.png").stat().st_size > 0
+
+
+def test_a_third_ema_tracked_in_the_same_run_is_rebuilt_from_the_other_two(tmp_path):
+    import train as train_script
+    from conftest import TINY, compose_config
+    from utils.phema import list_snapshots, reconstruct
+    train_script.train(compose_config(overrides=[*TINY, "train.steps=40", "train.log_every=20", "train.ckpt_every=40",
+                                                 "ema.posthoc=true", "ema.stds=[0.05,0.10,0.07]",
+                                                 "ema.snapshot_every=64", f"run_dir={tmp_path}"]))
+    folder = tmp_path / "phema"
+    direct = torch.load([p for i, s, p in list_snapshots(folder) if i == 640 and s == 0.07][0], weights_only=True)
+    rebuilt, info = reconstruct(folder, 0.07, sources=(0.05, 0.10))
+    assert info["snapshots"] == 20                                    # 10 times x the two other lengths
+    raw = final_state_model(tmp_path)
+    for name, value in direct["ema"].items():
+        if value.is_floating_point() and value.ndim == 2:
+            error = (rebuilt[name] - value).norm() / (value - raw[name]).norm().clamp_min(1e-12)
+            assert error < 0.05, f"{name}: off by {error:.3f} of the EMA's distance from the raw weights"
+
+
+def final_state_model(run_dir):
+    from conftest import final_state
+    return final_state(run_dir)["model"]

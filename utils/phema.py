@@ -140,10 +140,12 @@ def list_snapshots(folder):
     return sorted(found)
 
 
-def reconstruct(folder, sigma_rel, images=None):
+def reconstruct(folder, sigma_rel, images=None, sources=None):
     """(state_dict, info) of the EMA with `sigma_rel` at `images` images seen (default: the newest snapshot),
-    the least-squares combination of the snapshots taken up to then."""
-    snapshots = list_snapshots(folder)
+    the least-squares combination of the snapshots taken up to then (only those of the sigma_rels in `sources`,
+    when given)."""
+    snapshots = [s for s in list_snapshots(folder)
+                 if sources is None or any(abs(s[1] - float(v)) < 5e-4 for v in sources)]
     if not snapshots:
         raise ConfigError(f"no post-hoc EMA snapshots in {folder}; train with ema.posthoc=true (and "
                          f"ema.snapshot_every=<images>) to write them")
