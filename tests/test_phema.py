@@ -169,3 +169,20 @@ def test_a_third_ema_tracked_in_the_same_run_is_rebuilt_from_the_other_two(tmp_p
 def final_state_model(run_dir):
     from conftest import final_state
     return final_state(run_dir)["model"]
+
+
+@pytest.mark.slow
+def test_posthoc_snapshots_over_two_gloo_processes_match_one_process(tmp_path):
+    import train as train_script
+    from conftest import TINY, compose_config, run_script
+    from utils.phema import list_snapshots
+    common = [*TINY, "train.steps=4", "ema.posthoc=true", "ema.snapshot_every=32"]
+    run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29597", "train.py", *common,
+                f"run_dir={tmp_path}/two"], env={"OMP_NUM_THREADS": "1"})
+    train_script.train(compose_config(overrides=[*common, f"run_dir={tmp_path}/one"]))
+    one, two = list_snapshots(tmp_path / "one" / "phema"), list_snapshots(tmp_path / "two" / "phema")
+    assert [(i, s) for i, s, _ in one] == [(i, s) for i, s, _ in two] and len(one) == 4
+    for (_, _, a), (_, _, b) in zip(one, two):
+        sa, sb = torch.load(a, weights_only=True)["ema"], torch.load(b, weights_only=True)["ema"]
+        for k in sa:
+            torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-6)
