@@ -25,6 +25,25 @@ def test_alignment_loss_is_minus_the_mean_cosine_over_tokens():
     assert torch.allclose(alignment_loss(-z, z), torch.full((3,), 1.0))
 
 
+def test_projector_and_alignment_loss_equal_the_official_repa():
+    """Against tests/data/repa_reference.pt (tests/reference/make_repa_reference.py, from sihyun-yu/REPA's loss.py
+    and models/sit.py; with REPA_OFFICIAL_PATH set, the official code is run live too)."""
+    import os
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent / "reference"))
+    import make_repa_reference as ref
+    stored = torch.load(Path(__file__).parent / "data" / "repa_reference.pt", weights_only=True)
+    if os.environ.get("REPA_OFFICIAL_PATH"):
+        stored = ref.make_reference(*ref.load_official(os.environ["REPA_OFFICIAL_PATH"]))
+    ours = projector(ref.HIDDEN, ref.PROJECTOR, ref.Z_DIM, seed=ref.SEED)
+    with torch.no_grad():
+        projected = ours(stored["h"])
+    torch.testing.assert_close(projected, stored["projected"], rtol=1e-5, atol=1e-6)
+    loss = alignment_loss(projected, stored["z"]).mean()            # train.py's mean over the batch
+    torch.testing.assert_close(loss, stored["proj_loss"].float(), rtol=1e-5, atol=1e-6)
+
+
 def test_projector_is_repas_mlp():
     mlp = projector(64, 2048, 768)
     linears = [m for m in mlp if isinstance(m, torch.nn.Linear)]
