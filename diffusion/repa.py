@@ -32,8 +32,6 @@ from utils.errors import ConfigError, MissingFile
 DINOV2 = {"s": "vit_small_patch14_dinov2.lvd142m", "b": "vit_base_patch14_dinov2.lvd142m",
           "l": "vit_large_patch14_dinov2.lvd142m", "g": "vit_giant_patch14_dinov2.lvd142m"}
 ENCODERS = ("digits", *(f"dinov2-vit-{k}" for k in DINOV2))
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def projector(hidden_size, projector_dim, z_dim, seed=0):
@@ -101,17 +99,12 @@ class DINOv2Encoder:
     def __init__(self, name, weights, resolution, device):
         from pathlib import Path
 
-        import timm
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
-        from evaluation.dinov2 import load_state_dict
-        if weights is None or not Path(weights).is_file():
+        from evaluation.dinov2 import IMAGENET_MEAN, IMAGENET_STD, build_dinov2
+        if weights is None or not Path(weights).is_file():   # REPA's message, not FD-DINOv2's
             raise MissingFile(dinov2_missing(name, weights))
         self.size = 224 * max(1, resolution // 256)
-        model = timm.create_model(DINOV2[name[-1]].split(".")[0], pretrained=False, img_size=self.size, num_classes=0)
-        model.load_state_dict(checkpoint_filter_fn(load_state_dict(weights), model), strict=True)
-        self.model = model.eval().requires_grad_(False).to(device)
-        self.width = model.embed_dim
+        self.model = build_dinov2(weights, DINOV2[name[-1]], img_size=self.size).to(device)   # the FD loader
+        self.width = self.model.embed_dim
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 

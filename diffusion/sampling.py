@@ -68,15 +68,14 @@ def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_
     interval = (-math.inf if guidance_low is None else guidance_low, math.inf if guidance_high is None else guidance_high)
     if guidance not in ("cfg", "auto") or (guidance == "auto") != (guide_model is not None):
         raise ConfigError(f"guidance={guidance!r}: use guidance=cfg, or guidance=auto with a guide model (guide_ckpt=...)")
-    as_fn = (lambda network: network) if sampler not in SAMPLERS["flow"] else \
-        build_objective(diffusion_kwargs).network    # flows: guidance sees SiT time; the network sees t * time_scale
+    objective = build_objective(diffusion_kwargs) if sampler in SAMPLERS["flow"] else None
+    as_fn = objective.network if objective else (lambda network: network)   # flows: the network sees t * time_scale
     if guidance == "auto":
         guide = lambda network: autoguidance(network, as_fn(guide_model), cfg_scale, cfg_channels, interval)
     else:
         guide = lambda network: classifier_free_guidance(network, cfg_scale, null_class, cfg_channels, interval)
-    if sampler in SAMPLERS["flow"]:
-        objective = build_objective(diffusion_kwargs)
-        fn = guide(objective.network(model))
+    if objective is not None:
+        fn = guide(as_fn(model))   # guidance sees SiT time
         x = flow_sample(objective.transport, fn, noise, labels, sampler, steps, time_shift, ode, sde, generator,
                         progress)
         return x.clamp(-1, 1) if clip_denoised else x
