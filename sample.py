@@ -28,6 +28,7 @@ from models.dit import DIT_SIZES, EXTRA_SIZES
 from utils.checkpoint import load_checkpoint, resolve_checkpoint
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.images import save_grid, to_uint8
+from utils.speed import resolve_precision
 from utils.errors import ConfigError, report_user_errors
 
 # The VAE of the official DiT checkpoints (latent models at 256 and 512), when no vae= is given.
@@ -185,7 +186,8 @@ def run(cfg):
 
     # This rank's contiguous block of sample indices.
     indices = np.array_split(np.arange(cfg.num_samples), dist.world_size)[dist.rank]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+    precision = resolve_precision(cfg.precision, device)  # auto: bf16 where it is fast (utils/speed.py)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     images, labels = [], []
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # the per-step noise of DDPM, DDIM(eta > 0) and the SDE
     batches = [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
@@ -229,7 +231,7 @@ def run(cfg):
                       "model": args, "vae": vae.identifier if vae else None,
                       "objective": info["diffusion"].get("objective", "ddpm"), **options, "guidance": cfg.guidance,
                       "guide": None if guide_path is None else str(guide_path), "num_samples": int(len(arr)),
-                      "seed": cfg.seed, "precision": cfg.precision, "world_size": dist.world_size}
+                      "seed": cfg.seed, "precision": precision, "world_size": dist.world_size}
         (out / "samples.json").write_text(json.dumps(provenance, indent=2))
         print(f"wrote {len(arr)} samples to {out / 'samples.npz'} and a grid to {out / 'grid.png'}")
     cleanup_distributed()

@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import hydra
@@ -46,6 +46,7 @@ from utils.phema import PowerEMA, write_snapshots
 from utils.images import save_grid, to_uint8
 from utils.logger import RunLogger, truncate_metrics
 from utils.parallel import checkpoint_activations, compile_blocks, full_state_dict, shard_model
+from utils.speed import adamw, attention_backend, forward_context, resolve_precision
 
 # run_dir suffix for sweeps over settings other than model/data: "runs/digits/DiT-S-2_optim.lr=0.0003".
 OmegaConf.register_new_resolver("sweep_suffix", lambda s: "_" + s.replace("/", "-") if s else "", replace=True)
@@ -377,6 +378,7 @@ def train(cfg):
         torch.set_num_threads(cfg.threads)
     dist = setup_distributed(cfg.device, tf32=cfg.tf32)
     device = dist.device
+    cfg.precision = resolve_precision(cfg.precision, device)  # auto: bf16 where it is fast (utils/speed.py)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if dist.is_main:
@@ -422,8 +424,7 @@ def train(cfg):
     repa = build_repa(cfg, raw_model, dataset, device)   # REPA: a hook on one block, a projector with its own optimizer
     model = parallelize(model, ema, cfg, dist, device)
     fsdp = cfg.train.parallel == "fsdp"
-    make_opt = lambda params: torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                                weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    make_opt = lambda params: adamw(params, cfg.optim)
     opt = make_opt(raw_model.parameters())
     if opt_state is not None:
         load_optimizer_state(raw_model, opt, opt_state, fsdp)
@@ -440,9 +441,9 @@ def train(cfg):
     if accum < 1 or b % accum:
         raise ConfigError(f"train.grad_accum={accum} must be a positive divisor of the batch per process ({b} = "
                          f"train.batch_size {global_batch} / {dist.world_size} processes)")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext())
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"precision={cfg.precision!r}; choose fp32 or bf16")
+    # bf16 autocast and the attention kernel (train.attention) for the network's forward and backward
+    forward = forward_context(cfg.precision, device,
+                              attention_backend(cfg.train.attention, device, cfg.precision, bool(cfg.train.compile)))
 
     scorer, fid_at_end, fid_floor = fid_scorer(cfg, dataset, device)  # before training: errors stop it early
 
@@ -504,7 +505,7 @@ def train(cfg):
         y = torch.where(drop, dataset.num_classes, y)  # label dropout for classifier-free guidance
         if cfg.data.random_flip or cached:  # a cache item always has a flip picked (index 0 when flips are off)
             x = apply_flips(x, flip, cached)
-        with autocast:  # REPA's targets: encoder features of the clean (flipped) images; a placeholder without REPA
+        with forward():  # REPA's targets: encoder features of the clean (flipped) images; a placeholder without REPA
             z = repa.targets(x, stored, flip) if repa is not None else torch.zeros(len(x), 0, device=device)
         if vae is not None:  # latent diffusion: z = (mean + std * eps) * scaling_factor, eps from this step
             eps = torch.randn((global_batch, *shape), generator=gen, device=device)[lo:lo + b]
@@ -519,7 +520,7 @@ def train(cfg):
         parts = []
         for i, (xs, ts, ys, ns, zs) in enumerate(zip(*(v.chunk(accum) for v in (x, t, y, noise, z)))):
             with gradient_sync(synced, i == accum - 1):
-                with autocast:
+                with forward():
                     part = objective.losses(model, xs, ts, ns, dict(y=ys))
                     if repa is not None:  # + coeff * alignment of block repa.depth's tokens (logged as repa_loss)
                         part = repa.add_loss(part, zs)

@@ -219,3 +219,150 @@ def test_gradient_accumulation_over_two_gloo_processes_matches_one_process(paral
     for key in ("model", "ema"):
         for name in one[key]:
             torch.testing.assert_close(two[key][name], one[key][name], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The step's kernels (utils/speed.py): fused AdamW, precision auto, the attention kernel
+# ------------------------------------------------------------------------------------------------------------
+
+def adamw_trajectory(fused, steps=5):
+    """Parameters after `steps` AdamW updates of small_dit on fixed batches, with the fused kernel or without."""
+    from omegaconf import OmegaConf
+
+    from utils.speed import adamw
+
+    model = small_dit()
+    optim = OmegaConf.create(dict(lr=1e-3, betas=[0.9, 0.999], weight_decay=0.01, fused=fused))
+    opt = adamw(model.parameters(), optim)
+    assert opt.defaults["fused"] is (True if fused else None)
+    x, t, y = inputs()
+    for _ in range(steps):
+        loss_and_grads(model, x, t, y)
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, opt
+
+
+def test_fused_adamw_follows_the_default_implementation():
+    fused, opt_fused = adamw_trajectory(True)
+    plain, opt_plain = adamw_trajectory(False)
+    # The same update; only the order of floating-point operations differs. Adam divides by sqrt(v), which turns
+    # rounding in the tiniest gradients into differences of up to ~0.3% of one step (lr 1e-3): allowed 1%.
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-5, atol=1e-5)
+    moved = max((fused[n] - small_dit().state_dict()[n]).abs().max() for n in fused)
+    assert moved > 1e-3  # they did move (5 steps of lr 1e-3), by far more than they differ
+    # The optimizer states are interchangeable, so a checkpoint resumes with either setting.
+    opt_plain.load_state_dict(opt_fused.state_dict())
+
+
+def test_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
+    import utils.speed as speed
+
+    cpu = torch.device("cpu")
+    assert speed.resolve_precision("fp32", cpu) == "fp32" and speed.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(speed, "cpu_has_amx", lambda: True)
+    assert speed.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(speed, "cpu_has_amx", lambda: False)
+    assert speed.resolve_precision("auto", cpu) == "fp32"
+    with pytest.raises(ValueError, match="choose one of fp32, bf16, auto"):
+        speed.resolve_precision("fp16", cpu)
+
+
+def test_attention_auto_forces_the_math_kernel_only_for_eager_bf16_on_a_cpu():
+    from torch.nn.attention import SDPBackend
+
+    from utils.speed import attention_backend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_backend("auto", cpu, "bf16", compiled=False) == SDPBackend.MATH
+    assert attention_backend("auto", cpu, "bf16", compiled=True) is None
+    assert attention_backend("auto", cpu, "fp32", compiled=False) is None
+    assert attention_backend("auto", cuda, "bf16", compiled=False) is None
+    assert attention_backend("flash", cpu, "fp32", compiled=False) == SDPBackend.FLASH_ATTENTION
+    with pytest.raises(ValueError, match="train.attention='fast'; choose one of auto, default, math"):
+        attention_backend("fast", cpu, "fp32", compiled=False)
+
+
+def test_the_math_attention_kernel_agrees_with_the_default_one_under_bf16():
+    from utils.speed import forward_context
+
+    from torch.nn.attention import SDPBackend
+    model = small_dit()
+    x, t, y = inputs()
+    diffusion = create_diffusion("")
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    results = []
+    for backend in (None, SDPBackend.MATH):
+        with forward_context("bf16", torch.device("cpu"), backend)():
+            loss = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)["loss"].mean()
+        model.zero_grad()
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert abs(loss_b - loss_a) <= 0.01 * loss_a            # both round to bf16 (2^-8), in another order
+    assert (grad_b - grad_a).norm() <= 0.05 * grad_a.norm()
+
+
+FAST = ["train.compile=true", "precision=bf16", "optim.fused=true"]
+
+
+@pytest.mark.slow
+def test_compiled_bf16_fused_training_tracks_eager_and_resumes_exactly(tmp_path):
+    """The fastest CPU setting: its losses follow eager fp32 within bf16's rounding, and a run stopped and resumed
+    under the same setting is bit-identical to an uninterrupted one."""
+    import json
+
+    import train as train_script
+    from conftest import assert_same_state, compose_config, final_state
+
+    train_script.train(compose_config(overrides=[*TRAIN, "train.steps=6", f"run_dir={tmp_path}/eager"]))
+    train_script.train(compose_config(overrides=[*TRAIN, *FAST, "train.steps=6", f"run_dir={tmp_path}/fast"]))
+    losses = lambda run: [r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                          if "loss" in r]
+    eager, fast = losses("eager"), losses("fast")
+    assert len(eager) == len(fast) == 6
+    assert all(abs(a - b) <= 0.03 * a for a, b in zip(eager, fast)), (eager, fast)
+    # Stopped after 2 steps (a checkpoint), resumed to 6 with the same setting: the same bits as uninterrupted.
+    train_script.train(compose_config(overrides=[*TRAIN, *FAST, "train.steps=2", f"run_dir={tmp_path}/resumed"]))
+    train_script.train(compose_config(overrides=[*TRAIN, *FAST, "train.steps=6", f"run_dir={tmp_path}/resumed"]))
+    assert_same_state(final_state(tmp_path / "fast"), final_state(tmp_path / "resumed"))
+
+
+@pytest.mark.slow
+def test_time_to_quality_benchmark_trains_both_sides_judges_and_plots(tmp_path):
+    """A tiny budget of benchmarks/time_to_quality.py. The official checkout is stood in for by a folder whose
+    models.py and diffusion/ re-export ours (bit-equal to facebookresearch/DiT: tests/test_parity.py), so the
+    script's loading, training, sampling and judging of an official checkout all run without one."""
+    import json
+
+    from conftest import run_script
+
+    official = tmp_path / "DiT"
+    (official / "diffusion").mkdir(parents=True)
+    (official / "models.py").write_text(  # the official DiT drops labels inside the model; ours in train.py
+        "import torch\nfrom models.dit import DiT as Ours\n\n"
+        "class DiT(Ours):\n"
+        "    def __init__(self, class_dropout_prob=0.1, **kwargs):\n"
+        "        super().__init__(**kwargs)\n"
+        "        self.class_dropout_prob = class_dropout_prob\n\n"
+        "    def forward(self, x, t, y):\n"
+        "        if self.training:\n"
+        "            y = torch.where(torch.rand(y.shape) < self.class_dropout_prob, self.num_classes, y)\n"
+        "        return super().forward(x, t, y)\n")
+    (official / "diffusion" / "__init__.py").write_text("from diffusion import create_diffusion\n")
+    out = run_script(["benchmarks/time_to_quality.py", "--official", str(official), "--budgets", "2", "4",
+                      "--num-samples", "20", "--ckpt-every", "5", "--out", str(tmp_path / "bench"),
+                      "--ours", "default:", "ddpm:diffusion=ddpm,sample.steps=10"], timeout=600).stdout
+    results = json.loads((tmp_path / "bench" / "time_to_quality.json").read_text())
+    assert list(results) == ["official", "default", "ddpm"]
+    for name, rows in results.items():
+        assert [r["budget_seconds"] for r in rows] == [2, 4]
+        judged = [r for r in rows if r["step"] is not None]
+        assert judged, f"{name}: no state within the budgets"
+        assert all(r["train_seconds"] <= r["budget_seconds"] and 0 <= r["class_match"] <= 1 and r["fd_digits"] > 0
+                   for r in judged)
+    assert results["official"][0]["sampler"] == "ddpm-250" and results["ddpm"][-1]["sampler"] == "ddpm-10"
+    assert "official code's 4-s quality" in out and "real held-out" in out
+    assert (tmp_path / "bench" / "time_to_quality.png").stat().st_size > 0
+    bad = run_script(["benchmarks/time_to_quality.py", "--official", str(tmp_path), "--ours"], check=False)
+    assert bad.returncode != 0 and "no models.py there" in bad.stderr

@@ -318,7 +318,7 @@ def test_checkpoint_that_does_not_fit_the_model(trained_run):
 def test_bad_device_and_precision(tmp_path):
     with pytest.raises(ValueError, match="choose auto, cpu or cuda"):
         train_script.train(compose_config(overrides=[*TINY, "device=tpu", f"run_dir={tmp_path}"]))
-    with pytest.raises(ValueError, match="choose fp32 or bf16"):
+    with pytest.raises(ValueError, match="choose one of fp32, bf16, auto"):
         train_script.train(compose_config(overrides=[*TINY, "precision=fp16", f"run_dir={tmp_path}"]))
 
 
