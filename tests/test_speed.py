@@ -260,9 +260,10 @@ def test_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
 
     cpu = torch.device("cpu")
     assert speed.resolve_precision("fp32", cpu) == "fp32" and speed.resolve_precision("bf16", cpu) == "bf16"
-    monkeypatch.setattr(speed, "cpu_has_amx", lambda: True)
-    assert speed.resolve_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(speed, "cpu_has_amx", lambda: False)
+    for flags in ({"amx_bf16"}, {"avx512_bf16"}, {"amx_bf16", "avx512_bf16"}):
+        monkeypatch.setattr(speed, "cpu_bf16_flags", lambda flags=flags: frozenset(flags))
+        assert speed.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(speed, "cpu_bf16_flags", lambda: frozenset())
     assert speed.resolve_precision("auto", cpu) == "fp32"
     with pytest.raises(ValueError, match="choose one of fp32, bf16, auto"):
         speed.resolve_precision("fp16", cpu)
