@@ -367,3 +367,24 @@ def test_time_to_quality_benchmark_trains_both_sides_judges_and_plots(tmp_path):
     assert (tmp_path / "bench" / "time_to_quality.png").stat().st_size > 0
     bad = run_script(["benchmarks/time_to_quality.py", "--official", str(tmp_path), "--ours"], check=False)
     assert bad.returncode != 0 and "no models.py there" in bad.stderr
+
+
+def test_digits_quick_is_the_default_with_only_its_documented_changes():
+    """experiment=digits-quick (the README's smoke test) changes the default only in steps, logging, EMA memory,
+    sampling steps and precision=auto; model, objective, data, batch and learning rate stay the default's."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+
+    default = OmegaConf.to_container(compose_config(), resolve=False)
+    quick = OmegaConf.to_container(compose_config(overrides=["experiment=digits-quick"]), resolve=False)
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    default, quick = dict(flat(default)), dict(flat(quick))
+    changed = {k for k in default if quick.get(k) != default[k]}
+    assert changed == {"precision", "train.steps", "train.ckpt_every", "ema.decay", "sample.steps"}, changed
+    assert quick["precision"] == "auto" and quick["train.steps"] < default["train.steps"]
+    assert quick["ema.decay"] < default["ema.decay"] and quick["sample.steps"] < default["sample.steps"]
