@@ -179,7 +179,7 @@ def small_run(tmp_path_factory):
     pytest.param(["sample.py", "ckpt=/no/such/ckpt.pt"], "does not exist", marks=pytest.mark.slow),
     pytest.param(["sample.py", "ckpt={run}", "class_labels=[42]"], "outside 0..10", marks=pytest.mark.slow),
     (["train.py", *TINY, "run_dir={run}", "model=DiT-T-4"], "restore those settings to resume"),
-    pytest.param(["train.py", *TINY, "run_dir={tmp}/x", "precision=fp16"], "choose fp32 or bf16",
+    pytest.param(["train.py", *TINY, "run_dir={tmp}/x", "precision=fp16"], "choose one of fp32, bf16, auto",
                  marks=pytest.mark.slow),
     pytest.param(["train.py", *TINY, "run_dir={tmp}/x", "data=imagefolder", "data.path=/no/such/folder",
                   "data.image_size=8"], "does not exist; set data.path", marks=pytest.mark.slow),
