@@ -13,7 +13,6 @@ number of processes or the batch size.
 
 import json
 import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -28,7 +27,7 @@ from models.dit import DIT_SIZES, EXTRA_SIZES
 from utils.checkpoint import load_checkpoint, resolve_checkpoint
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.images import save_grid, to_uint8
-from utils.speed import resolve_precision
+from utils.speed import forward_context, resolve_precision
 from utils.errors import ConfigError, report_user_errors
 
 # The VAE of the official DiT checkpoints (latent models at 256 and 512), when no vae= is given.
@@ -187,7 +186,7 @@ def run(cfg):
     # This rank's contiguous block of sample indices.
     indices = np.array_split(np.arange(cfg.num_samples), dist.world_size)[dist.rank]
     precision = resolve_precision(cfg.precision, device)  # auto: bf16 where it is fast (utils/speed.py)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = forward_context(precision, device)  # bf16 autocast for the network when precision is bf16
     images, labels = [], []
     torch.manual_seed(cfg.seed * 1000 + dist.rank)  # the per-step noise of DDPM, DDIM(eta > 0) and the SDE
     batches = [indices[i:i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
@@ -195,7 +194,7 @@ def run(cfg):
         noise = torch.stack([torch.randn(channels, size, size, generator=torch.Generator().manual_seed(
             cfg.seed * 1_000_003 + int(i))) for i in batch]).to(device)
         y = torch.tensor([labels_cycle[int(i) % len(labels_cycle)] for i in batch], device=device)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast():
             x0 = sample(model, noise, y, null_class=num_classes, **options, guidance=cfg.guidance, guide_model=guide,
                         clip_denoised=vae is None, diffusion_kwargs=info["diffusion"])  # latents are not in [-1, 1]
         if vae is not None:

@@ -2,8 +2,8 @@
 
 None of it changes what is trained beyond rounding: the tests hold each option to eager fp32 within a stated
 tolerance, and a run resumes exactly under the same setting. Which option pays was measured per machine
-(docs/benchmarks.md, "Time to quality"): on a CPU with AMX, bf16 matrix products run 3-6x fp32; with AVX512-BF16
-alone about 2x, yet the default's eager step still ran 1.45x faster in bf16 there (with the math attention kernel),
+(docs/benchmarks.md, "Time to quality"): the measured bf16 matmul peak was 2.0 TFLOP/s on a 2-core CPU with AMX
+and 0.4 with AVX512-BF16 alone (about 2x its fp32), yet the default's eager step still ran 1.45x faster in bf16 there (with the math attention kernel),
 while compiled bf16 blocks ran slower than eager fp32 on that CPU.
 """
 
@@ -33,7 +33,7 @@ def cpu_bf16_flags():
 
 def resolve_precision(precision, device):
     """fp32 | bf16, with auto = bf16 where its matrix products are fast: a CUDA GPU with bf16 support, or a CPU
-    with AMX or AVX512-BF16; fp32 elsewhere (a CPU without them emulates bf16 matmuls)."""
+    with AMX or AVX512-BF16; fp32 elsewhere."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
