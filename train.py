@@ -62,9 +62,13 @@ def step_generator(seed, step, device):
     return torch.Generator(device=device).manual_seed(int(state[0] >> np.uint64(1)))
 
 
-def learning_rate(step, base_lr, warmup_steps):
-    """Linear warm-up to base_lr, then constant (the paper uses a constant 1e-4)."""
-    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+def learning_rate(step, base_lr, warmup_steps, cooldown_steps=0, total_steps=0):
+    """The rate of update step+1: a linear warm-up to base_lr over warmup_steps, constant (the paper: 1e-4
+    throughout), and with cooldown_steps > 0 a linear decay over the last cooldown_steps of total_steps, down to
+    base_lr / cooldown_steps at the last update (warm-up, stable, decay: Hägele et al. 2024, 2405.18392)."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    cool = min(1.0, (total_steps - step) / cooldown_steps) if cooldown_steps > 0 else 1.0
+    return base_lr * min(warm, cool)
 
 
 @torch.no_grad()
@@ -140,6 +144,7 @@ def apply_flips(x, flip, cached):
 
 def decode(vae, z):
     """Samples -> images in [-1, 1]: decoded latents, or the samples themselves in pixel space."""
+    z = z.float()  # sampled under bf16 autocast the network's outputs may be bf16; images and the VAE are fp32
     return z if vae is None else vae.decode(z)
 
 
@@ -173,16 +178,18 @@ def sampler_options(cfg):
     return options
 
 
-def write_grid(ema, cfg, dataset, shape, vae, diffusion_kwargs, path, device):
-    """EMA samples, one row per class (up to 10 classes), from a fixed seed so grids are comparable."""
+def write_grid(ema, cfg, dataset, shape, vae, diffusion_kwargs, path, device, context):
+    """EMA samples, one row per class (up to 10 classes), from a fixed seed so grids are comparable; the network
+    runs in context() (the training precision), the VAE in fp32."""
     rows = min(dataset.num_classes, 10) if dataset.num_classes > 0 else 1
     labels = torch.arange(rows, device=device).repeat_interleave(cfg.sample.per_class)
     if dataset.num_classes == 0:
         labels = torch.zeros_like(labels)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     noise = torch.randn(len(labels), *shape, generator=generator, device=device)
-    x0 = sample(ema, noise, labels, null_class=dataset.num_classes, **sampler_options(cfg),
-                clip_denoised=vae is None, diffusion_kwargs=diffusion_kwargs)  # latents are not in [-1, 1]
+    with context():
+        x0 = sample(ema, noise, labels, null_class=dataset.num_classes, **sampler_options(cfg),
+                    clip_denoised=vae is None, diffusion_kwargs=diffusion_kwargs)  # latents are not in [-1, 1]
     save_grid(to_uint8(decode(vae, x0)).cpu(), path, nrow=cfg.sample.per_class)
 
 
@@ -217,9 +224,10 @@ def fid_scorer(cfg, dataset, device):
 
 
 @torch.no_grad()
-def ema_fid(ema, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, device):
+def ema_fid(ema, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, device, context):
     """FID of cfg.fid.num_samples EMA samples (classes in turn), each rank drawing a contiguous share; with the
-    digits network also the class accuracy (scorer.last)."""
+    digits network also the class accuracy (scorer.last). The network samples in context() (the training
+    precision); the VAE and the feature network run in fp32."""
     share = np.array_split(np.arange(cfg.fid.num_samples), dist.world_size)[dist.rank]
     chunks = np.array_split(share, max(1, math.ceil(len(share) / cfg.fid.batch_size)))
 
@@ -228,8 +236,9 @@ def ema_fid(ema, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, devic
             generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + int(chunk[0]))
             labels = torch.as_tensor(chunk % max(dataset.num_classes, 1), device=device)
             noise = torch.randn(len(chunk), *shape, generator=generator, device=device)
-            x0 = sample(ema, noise, labels, null_class=dataset.num_classes, **sampler_options(cfg),
-                        clip_denoised=vae is None, diffusion_kwargs=diffusion_kwargs)
+            with context():
+                x0 = sample(ema, noise, labels, null_class=dataset.num_classes, **sampler_options(cfg),
+                            clip_denoised=vae is None, diffusion_kwargs=diffusion_kwargs)
             yield to_uint8(decode(vae, x0))
     labels = share % max(dataset.num_classes, 1)
     return scorer.score(batches(), all_reduce=dist.world_size > 1, labels=labels)
@@ -437,6 +446,11 @@ def train(cfg):
     sampler = StepSampler(len(dataset), global_batch, dist.rank, dist.world_size, cfg.seed, start_step=step)
     next_batch = batch_source(dataset, sampler, cfg, device)
     b, lo = sampler.b, dist.rank * sampler.b   # this rank's slice of the global batch's random draws
+    fraction = cfg.optim.get("cooldown_fraction", 0.0)
+    if not 0 <= fraction <= 1:
+        raise ConfigError(f"optim.cooldown_fraction={fraction} must be between 0 (a constant rate) and 1 (a decay "
+                         f"over all of train.steps)")
+    cooldown = round(fraction * cfg.train.steps)
     accum = cfg.train.grad_accum
     if accum < 1 or b % accum:
         raise ConfigError(f"train.grad_accum={accum} must be a positive divisor of the batch per process ({b} = "
@@ -473,7 +487,7 @@ def train(cfg):
 
     def score_fid():
         network = sampling_model(ema, args, fsdp, device, all_ranks=True)
-        fid = ema_fid(network, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, device)
+        fid = ema_fid(network, scorer, cfg, dataset, shape, vae, diffusion_kwargs, dist, device, forward)
         row = {"step": step, "fid": fid, **scorer.last, "fid_samples": cfg.fid.num_samples,
                "fid_features": scorer.extractor.name}
         if fid_floor is not None:
@@ -486,7 +500,7 @@ def train(cfg):
         network = sampling_model(ema, args, fsdp, device, all_ranks=False)
         if dist.is_main:
             path = run_dir / "samples" / f"{step:07d}.png"
-            write_grid(network, cfg, dataset, shape, vae, diffusion_kwargs, path, device)
+            write_grid(network, cfg, dataset, shape, vae, diffusion_kwargs, path, device, forward)
             logger.log_image("samples", path, step, caption=f"EMA samples at step {step}")
         barrier()
 
@@ -513,7 +527,7 @@ def train(cfg):
 
         for o in optimizers:
             for group in o.param_groups:
-                group["lr"] = learning_rate(step, cfg.optim.lr, cfg.optim.warmup_steps)
+                group["lr"] = learning_rate(step, cfg.optim.lr, cfg.optim.warmup_steps, cooldown, cfg.train.steps)
             o.zero_grad(set_to_none=True)
         # Micro-batches of equal size: the mean of their mean losses is the batch's mean loss, so the summed
         # gradients are the full batch's; the gradient reduction runs in the last backward only.

@@ -320,6 +320,7 @@ def test_imagenet_experiments_state_the_papers_recipe(experiment, size):
         assert cfg.data.random_flip and cfg.vae.id == "stabilityai/sd-vae-ft-ema"
         assert cfg.train.batch_size == 256 and cfg.ema.decay == 0.9999
         assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0 and cfg.optim.warmup_steps == 0
+        assert cfg.optim.cooldown_fraction == 0  # constant, not the digits default's cool-down
         assert cfg.diffusion.noise_schedule == "linear" and cfg.diffusion.learn_sigma
 
 

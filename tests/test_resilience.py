@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train as train_script
-from conftest import ROOT, TINY, assert_same_state, compose_config, final_state, run_script
+from conftest import PINNED, ROOT, TINY, assert_same_state, compose_config, final_state, run_script
 from utils.checkpoint import list_checkpoints, load_checkpoint
 from utils.errors import Diverged
 from utils.guard import first_nonfinite_tensor
@@ -70,7 +70,7 @@ def test_a_nonfinite_checkpoint_is_never_written(tmp_path):
 # Stop signals: a checkpoint at that step, the exit code, and a resume equal to an uninterrupted run
 # ------------------------------------------------------------------------------------------------------------
 
-SIGNAL_RUN = ["logger=none", "device=cpu", "train.steps=40", "train.batch_size=16", "train.log_every=1",
+SIGNAL_RUN = [*PINNED, "logger=none", "device=cpu", "train.steps=40", "train.batch_size=16", "train.log_every=1",
               "train.ckpt_every=1000", "train.keep_last=0", "sample.steps=2", "sample.per_class=1", "fid.at_end=false"]
 
 
@@ -181,6 +181,8 @@ def small_run(tmp_path_factory):
     (["train.py", *TINY, "run_dir={run}", "model=DiT-T-4"], "restore those settings to resume"),
     pytest.param(["train.py", *TINY, "run_dir={tmp}/x", "precision=fp16"], "choose one of fp32, bf16, auto",
                  marks=pytest.mark.slow),
+    pytest.param(["train.py", *TINY, "run_dir={tmp}/x", "optim.cooldown_fraction=1.5"],
+                 "optim.cooldown_fraction=1.5 must be between 0", marks=pytest.mark.slow),
     pytest.param(["train.py", *TINY, "run_dir={tmp}/x", "data=imagefolder", "data.path=/no/such/folder",
                   "data.image_size=8"], "does not exist; set data.path", marks=pytest.mark.slow),
     (["extract_latents.py", "data=digits", "out={tmp}/cache"], "latent caches are made from image folders"),

@@ -18,7 +18,7 @@ from PIL import Image
 
 import sample as sample_script
 import train as train_script
-from conftest import CONF, ROOT, TINY, assert_same_state, compose_config, final_state, run_script
+from conftest import CONF, PINNED, ROOT, TINY, assert_same_state, compose_config, final_state, run_script
 from models import MODELS
 from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_model_weights
 
@@ -207,7 +207,7 @@ def test_resume_with_another_objective_is_refused(trained_run, tmp_path):
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
 def test_resume_after_sigkill_is_bit_exact(tmp_path, objective):
-    overrides = [f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=12", "train.batch_size=16", "train.log_every=1",
+    overrides = [*PINNED, f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=12", "train.batch_size=16", "train.log_every=1",
                  "train.ckpt_every=3", "train.keep_last=10", "sample.steps=2", "sample.per_class=1"]
     # The reference: one uninterrupted run.
     train_script.train(compose_config(overrides=[*overrides, f"run_dir={tmp_path}/ref"]))
@@ -232,13 +232,37 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, objective):
     assert steps == list(range(1, 13)), "metrics.jsonl must have each step exactly once after the resume"
 
 
+def test_learning_rate_warms_up_holds_and_cools_down():
+    lr = lambda step, cooldown: train_script.learning_rate(step, 2.0, 4, cooldown, 20)
+    assert [lr(s, 0) for s in range(20)] == pytest.approx([0.5, 1.0, 1.5] + [2.0] * 17)
+    # The last 5 of 20 updates fall linearly, step 19 (the 20th update) at base / 5; before them warm-up and hold.
+    assert [lr(s, 5) for s in range(20)] == pytest.approx([0.5, 1.0, 1.5] + [2.0] * 13 + [1.6, 1.2, 0.8, 0.4])
+    # A cool-down longer than the run after warm-up: the smaller of the two factors.
+    assert lr(0, 20) == pytest.approx(0.5) and lr(10, 20) == pytest.approx(1.0)
+
+
+def test_cooldown_is_logged_and_resumes_exactly(tmp_path):
+    overrides = [*TINY, "train.steps=6", "train.log_every=1", "optim.warmup_steps=0", "optim.cooldown_fraction=0.67"]  # 4 of 6 steps
+    train_script.train(compose_config(overrides=[*overrides, f"run_dir={tmp_path}/ref"]))
+    rows = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    base = compose_config(overrides=overrides).optim.lr
+    assert [r["lr"] for r in rows if "loss" in r] == pytest.approx([base, base, base, 0.75 * base, 0.5 * base,
+                                                                     0.25 * base])
+    # Resumed from the step-4 checkpoint (mid-cool-down, the same train.steps): the uninterrupted run's bits.
+    shutil.copytree(tmp_path / "ref", tmp_path / "resumed")
+    (tmp_path / "resumed" / "checkpoints" / "0000006.pt").unlink()
+    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").stem == "0000004"
+    train_script.train(compose_config(overrides=[*overrides, f"run_dir={tmp_path}/resumed"]))
+    assert_same_state(final_state(tmp_path / "ref"), final_state(tmp_path / "resumed"))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Distributed
 # ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, objective):
-    overrides = [f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=2", "train.batch_size=16", "train.log_every=1",
+    overrides = [*PINNED, f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=2", "train.batch_size=16", "train.log_every=1",
                  "train.ckpt_every=2", "sample.steps=2", "sample.per_class=1"]
     run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "train.py",
                 *overrides, f"run_dir={tmp_path}/ddp"], env={"OMP_NUM_THREADS": "1"})
@@ -359,6 +383,26 @@ def test_fid_during_training(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     fids = [r for r in rows if "fid" in r]
     assert [r["step"] for r in fids] == [2, 4] and all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_grids_and_fid_samples_are_drawn_in_the_training_precision(precision, tmp_path, monkeypatch):
+    """train.py's own sampling (grids, FD samples) runs the network under the training precision's autocast; the
+    images it scores come out in fp32 either way."""
+    autocast, dtypes = [], []
+
+    def spy(*args, **kwargs):
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        x = sample(*args, **kwargs)
+        dtypes.append(train_script.decode(None, x).dtype)
+        return x
+
+    sample = train_script.sample
+    monkeypatch.setattr(train_script, "sample", spy)
+    train_script.train(compose_config(overrides=[*TINY, f"precision={precision}", "train.sample_every=2",
+                                                 f"run_dir={tmp_path}"]))
+    assert len(autocast) == 3  # the grid at step 2, the final grid, the final FD samples (50: one batch)
+    assert autocast == [precision == "bf16"] * 3 and dtypes == [torch.float32] * 3
 
 
 def test_fid_without_reference_is_refused(tmp_path):
