@@ -3,6 +3,7 @@
     python benchmarks/throughput.py --model DiT-S/2 --batch-size 16 --official /path/to/facebookresearch/DiT
     python benchmarks/throughput.py --model DiT-XL/2 --batch-size 256 --device cuda --precision bf16 --compile
     python benchmarks/throughput.py --model DiT-XL/2 --batch-size 256 --device cuda --precision bf16 --objective flow
+    python benchmarks/throughput.py --data digits --model DiT-Mini/2 --batch-size 112 --objective flow --profile
 
 One training step is what train.py does: the objective's loss (DDPM: learned sigma, hybrid loss; --objective flow:
 flow matching, velocity on the Linear path) + backward + AdamW. Model FLOPs per training image = 3 (forward + backward) x 2 (flops per multiply-accumulate) x the
@@ -11,13 +12,18 @@ the datasheet dense bf16 / tf32 figure for known GPUs, and a measured large-matm
 
 With --official PATH (a checkout of facebookresearch/DiT) the official models.py + diffusion are timed in
 the same process at the same model, batch and input, the way the official train.py runs them (fp32, eager).
+Ours runs with train.py's settings: --precision auto resolves as train.py's precision=auto does, the attention
+kernel is train.attention=auto's, and AdamW is the fused kernel (optim.fused=true). --data digits times the
+digits default's input (8x8 pixels, one channel, 10 classes) instead of SD-VAE latents of ImageNet.
+
+--profile adds where our step's time goes (torch.profiler over a few steps, self times): the matrix products,
+the dtype casts (bf16 autocast's copies), and everything else, with the number of aten operations per step.
 """
 
 import argparse
 import importlib.util
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,6 +34,10 @@ sys.path.insert(0, str(ROOT))
 from diffusion import build_objective  # noqa: E402
 from models import DiT_models, model_stats  # noqa: E402
 from utils.parallel import checkpoint_activations, compile_blocks  # noqa: E402
+from utils.speed import attention_backend, forward_context, resolve_precision  # noqa: E402
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
+CAST_OPS = {"aten::copy_", "aten::_to_copy"}
 
 # Dense peak TFLOP/s (no sparsity) by GPU name fragment: (bf16, tf32).
 GPU_PEAKS = {"H200": (989.0, 494.7), "H100": (989.0, 494.7), "A100": (312.0, 156.0)}
@@ -83,18 +93,33 @@ def objective_loss(objective):
     return loss
 
 
-def make_step(model, loss_fn, x, y, precision, device, fused):
-    """A closure running one training step of `model` on the fixed batch (x, y)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=fused)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+def make_step(model, loss_fn, x, y, precision, device, fused, attention=None):
+    """A closure running one training step of `model` on the fixed batch (x, y): the forward in bf16 autocast when
+    precision is bf16 and under the forced attention kernel if any (utils.speed.forward_context)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=fused or None)
+    forward = forward_context(precision, device, attention)
 
     def step():
-        with autocast:
+        with forward():
             loss = loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return step
+
+
+def profile_step(step, steps):
+    """Self time per step (ms) of the matrix products, the dtype casts and the rest, and aten operations per step."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    ms = lambda keep: sum(e.self_cpu_time_total for e in events if keep(e.key)) / steps / 1e3
+    return {"matmul": ms(MATMUL_OPS.__contains__), "casts": ms(CAST_OPS.__contains__),
+            "other": ms(lambda k: k not in MATMUL_OPS and k not in CAST_OPS),
+            "ops": sum(e.count for e in events if e.key.startswith("aten::")) / steps}
 
 
 def load_official(path):
@@ -118,7 +143,11 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="auto: bf16 autocast (the fast setting on GPUs and on CPUs with bf16 matmuls)")
+                        help="auto: as train.py's precision=auto (bf16 on GPUs with bf16 and CPUs with AMX or "
+                             "AVX512-BF16, else fp32)")
+    parser.add_argument("--data", choices=("imagenet", "digits"), default="imagenet",
+                        help="imagenet: SD-VAE latents (image-size / 8, 4 channels, 1000 classes); digits: 8x8x1, "
+                             "10 classes")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
     parser.add_argument("--steps", type=int, default=10)
@@ -127,25 +156,27 @@ def main():
                         help="ours: DDPM (learned sigma, hybrid loss) or flow matching (Linear, velocity)")
     parser.add_argument("--official", default=None, help="path to a facebookresearch/DiT checkout (DDPM)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="also print where our step's time goes")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    precision = "bf16" if args.precision == "auto" else args.precision
+    precision = resolve_precision(args.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    latent = args.image_size // 8
-    build = lambda **kw: DiT_models[args.model](input_size=latent, num_classes=1000, **kw)
-    gflops = model_stats(build, (4, latent, latent))["gflops"]
+    # The network's input: SD-VAE latents of ImageNet, or the digits' pixels.
+    latent, channels, classes = (args.image_size // 8, 4, 1000) if args.data == "imagenet" else (8, 1, 10)
+    build = lambda **kw: DiT_models[args.model](input_size=latent, in_channels=channels, num_classes=classes, **kw)
+    gflops = model_stats(build, (channels, latent, latent))["gflops"]
     flops_per_image = 3 * 2 * gflops * 1e9
     peak, peak_source = device_peak_tflops(device, precision)
 
     torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 4, latent, latent, device=device)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    x = torch.randn(args.batch_size, channels, latent, latent, device=device)
+    y = torch.randint(0, classes, (args.batch_size,), device=device)
     objective = build_objective({"objective": args.objective})
     model = build(learn_sigma=objective.learn_sigma).to(device)
     if args.grad_checkpoint:
@@ -156,23 +187,31 @@ def main():
             inductor_config.compile_threads = 1
         compile_blocks(model)
     rows = []
-    ours = make_step(model, objective_loss(objective), x, y, precision, device, fused=device.type == "cuda")
+    ours = make_step(model, objective_loss(objective), x, y, precision, device, fused=True,
+                     attention=attention_backend("auto", device, precision, args.compile))
     options = "+".join([args.objective, precision] + (["compile"] if args.compile else []) +
                        (["ckpt"] if args.grad_checkpoint else []))
     rows.append((f"ours ({options})", *time_steps(ours, args.steps, args.warmup, device)))
+    profiled = profile_step(ours, min(args.steps, 5)) if args.profile else None
     del model, ours
 
     if args.official:
         official_models, official_diffusion = load_official(args.official)
-        model = official_models.DiT_models[args.model](input_size=latent, num_classes=1000).to(device)
+        if args.model not in official_models.DiT_models:
+            parser.error(f"--official: the official code has no {args.model}; it has "
+                         f"{', '.join(official_models.DiT_models)}")
+        model = official_models.DiT_models[args.model](input_size=latent, in_channels=channels,
+                                                       num_classes=classes).to(device)
         # The official train.py: fp32, eager, AdamW(lr=1e-4, weight_decay=0), model.train() for label dropout.
         model.train()
         step = make_step(model, official_loss(official_diffusion.create_diffusion(timestep_respacing="")), x, y, "fp32",
                          device, fused=False)
         rows.append(("official (fp32)", *time_steps(step, args.steps, args.warmup, device)))
 
-    print(f"{args.model} at {args.image_size}x{args.image_size} (latent {latent}x{latent}x4), batch {args.batch_size}, "
-          f"{device}; {gflops:.2f} Gflops/image, {flops_per_image / 1e9:.1f} GFLOP per training image")
+    shape = (f"{args.image_size}x{args.image_size} (latent {latent}x{latent}x4)" if args.data == "imagenet" else
+             f"the digits' {latent}x{latent}x{channels} pixels")
+    print(f"{args.model} at {shape}, batch {args.batch_size}, {device}; {gflops:.3f} Gflops/image, "
+          f"{flops_per_image / 1e9:.3f} GFLOP per training image")
     print(f"peak: {peak:.1f} TFLOP/s ({peak_source})" if peak else f"peak: unknown ({peak_source})")
     print(f"{'implementation':28s}{'images/s':>10s}{'step ms':>10s}{'MFU':>8s}{'peak mem':>10s}")
     for name, seconds, memory in rows:
@@ -182,6 +221,11 @@ def main():
         print(f"{name:28s}{images:>10.1f}{seconds * 1000:>10.0f}{mfu:>8.1%}{mem:>10s}")
     if len(rows) == 2:
         print(f"speed-up over the official implementation: {rows[1][1] / rows[0][1]:.2f}x")
+    if profiled:
+        total = profiled["matmul"] + profiled["casts"] + profiled["other"]
+        print(f"ours, profiled self time per step: {total:.1f} ms = matrix products {profiled['matmul']:.1f} + "
+              f"dtype casts {profiled['casts']:.1f} + everything else {profiled['other']:.1f} ms; "
+              f"{profiled['ops']:.0f} aten operations per step")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from conftest import PINNED
 from diffusion import create_diffusion
 from diffusion.sampling import sample
 from models import DiT
@@ -111,7 +112,7 @@ def test_dpm_solver_samples_with_guidance():
 # The options through train.py
 # ------------------------------------------------------------------------------------------------------------
 
-TRAIN = ["logger=none", "device=cpu", "train.batch_size=16", "train.log_every=1", "train.ckpt_every=2",
+TRAIN = [*PINNED, "logger=none", "device=cpu", "train.batch_size=16", "train.log_every=1", "train.ckpt_every=2",
          "sample.steps=2", "sample.per_class=1"]
 
 
@@ -370,8 +371,8 @@ def test_time_to_quality_benchmark_trains_both_sides_judges_and_plots(tmp_path):
 
 
 def test_digits_quick_is_the_default_with_only_its_documented_changes():
-    """experiment=digits-quick (the README's smoke test) changes the default only in steps, logging, EMA memory,
-    sampling steps and precision=auto; model, objective, data, batch and learning rate stay the default's."""
+    """experiment=digits-quick (the README's smoke test) changes the default only in steps, checkpoints, EMA memory,
+    sampling steps and a constant learning rate; model, objective, data, batch and precision stay the default's."""
     from omegaconf import OmegaConf
 
     from conftest import compose_config
@@ -385,6 +386,25 @@ def test_digits_quick_is_the_default_with_only_its_documented_changes():
 
     default, quick = dict(flat(default)), dict(flat(quick))
     changed = {k for k in default if quick.get(k) != default[k]}
-    assert changed == {"precision", "train.steps", "train.ckpt_every", "ema.decay", "sample.steps"}, changed
+    assert changed == {"train.steps", "train.ckpt_every", "ema.decay", "sample.steps", "optim.lr",
+                       "optim.cooldown_fraction"}, changed
     assert quick["precision"] == "auto" and quick["train.steps"] < default["train.steps"]
+    assert quick["optim.cooldown_fraction"] == 0 and quick["optim.lr"] < default["optim.lr"]
     assert quick["ema.decay"] < default["ema.decay"] and quick["sample.steps"] < default["sample.steps"]
+
+
+def test_throughput_benchmark_times_the_digits_step_as_train_py_runs_it():
+    """benchmarks/throughput.py --data digits: train.py's precision=auto and the digits input, and --profile's
+    breakdown adds up to its total."""
+    import re
+
+    from conftest import run_script
+    from utils.speed import resolve_precision
+
+    out = run_script(["benchmarks/throughput.py", "--data", "digits", "--model", "DiT-S/8", "--batch-size", "4",
+                      "--objective", "flow", "--steps", "2", "--warmup", "1", "--profile"]).stdout
+    precision = resolve_precision("auto", torch.device("cpu"))
+    assert "the digits' 8x8x1 pixels" in out and f"ours (flow+{precision})" in out, out
+    total, *parts = map(float, re.search(r"per step: ([\d.]+) ms = matrix products ([\d.]+) \+ dtype casts "
+                                         r"([\d.]+) \+ everything else ([\d.]+) ms", out).groups())
+    assert parts[0] > 0 and abs(sum(parts) - total) <= 0.15, out
