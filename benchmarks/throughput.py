@@ -16,8 +16,9 @@ Ours runs with train.py's settings: --precision auto resolves as train.py's prec
 kernel is train.attention=auto's, and AdamW is the fused kernel (optim.fused=true). --data digits times the
 digits default's input (8x8 pixels, one channel, 10 classes) instead of SD-VAE latents of ImageNet.
 
---profile adds where our step's time goes (torch.profiler over a few steps, self times): the matrix products,
-the dtype casts (bf16 autocast's copies), and everything else, with the number of aten operations per step.
+--profile adds where our step's time goes (torch.profiler over a few steps, CPU self times): the matrix products,
+the dtype casts (bf16 autocast's copies), and everything else, with the number of aten operations per step. On a
+GPU these are the host's times (launch overhead), not the kernels'.
 """
 
 import argparse
@@ -111,8 +112,7 @@ def make_step(model, loss_fn, x, y, precision, device, fused, attention=None):
 def profile_step(step, steps):
     """Self time per step (ms) of the matrix products, the dtype casts and the rest, and aten operations per step."""
     from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
     events = prof.key_averages()
@@ -156,7 +156,8 @@ def main():
                         help="ours: DDPM (learned sigma, hybrid loss) or flow matching (Linear, velocity)")
     parser.add_argument("--official", default=None, help="path to a facebookresearch/DiT checkout (DDPM)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--profile", action="store_true", help="also print where our step's time goes")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where our step's CPU time goes (on a GPU: the host side only)")
     args = parser.parse_args()
 
     if args.threads:

@@ -387,22 +387,21 @@ def test_fid_during_training(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_grids_and_fid_samples_are_drawn_in_the_training_precision(precision, tmp_path, monkeypatch):
-    """train.py's own sampling (grids, FD samples) runs the network under the training precision's autocast; the
-    images it scores come out in fp32 either way."""
-    autocast, dtypes = [], []
+    """train.py's own sampling (grids, FD samples) runs the network under the training precision's autocast; what
+    it decodes and scores is fp32 either way."""
+    autocast = []
 
     def spy(*args, **kwargs):
         autocast.append(torch.is_autocast_enabled("cpu"))
-        x = sample(*args, **kwargs)
-        dtypes.append(train_script.decode(None, x).dtype)
-        return x
+        return sample(*args, **kwargs)
 
     sample = train_script.sample
     monkeypatch.setattr(train_script, "sample", spy)
     train_script.train(compose_config(overrides=[*TINY, f"precision={precision}", "train.sample_every=2",
                                                  f"run_dir={tmp_path}"]))
     assert len(autocast) == 3  # the grid at step 2, the final grid, the final FD samples (50: one batch)
-    assert autocast == [precision == "bf16"] * 3 and dtypes == [torch.float32] * 3
+    assert autocast == [precision == "bf16"] * 3
+    assert train_script.decode(None, torch.zeros(2, dtype=torch.bfloat16)).dtype == torch.float32
 
 
 def test_fid_without_reference_is_refused(tmp_path):
