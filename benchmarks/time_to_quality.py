@@ -12,9 +12,14 @@ lr 1e-3 after a 100-step linear warm-up, EMA decay 0.995; it samples with its ow
 
 Each of ours (NAME:OVERRIDES, comma-separated train.py overrides) runs `python train.py` with a checkpoint every
 --ckpt-every steps and is stopped with SIGTERM (train.py checkpoints and exits) once the loop's own time (the
-metrics.jsonl step_time, which includes compilation and checkpoint writes) passes the last budget. The learning
-rate is constant after warm-up and every draw is a function of (seed, step), so the checkpoint at step k is the
-final state of a k-step run.
+metrics.jsonl step_time, which includes compilation and checkpoint writes) passes the last budget. Every draw is a
+function of (seed, step), so with a constant rate after warm-up (optim.cooldown_fraction=0) the checkpoint at step
+k is the final state of a k-step run. A recipe whose rate decays over the last fraction f of train.steps (the
+default: f = 0.5) is measured as the run of N steps that fits each budget: its first N - round(f N) steps are
+the constant-rate run's, so the script resumes that run's checkpoint there with train.steps=N in a folder of its
+own (the decay branch, as in warm-stable-decay schedules) and trains the decay; the budget's time is the trunk's up
+to the branch point plus the branch's. N is planned from the trunk's step time and planned again, smaller, if the
+branch ran over the budget.
 
 At every budget, each side's newest state within it samples --num-samples digits (classes in turn, EMA weights, no
 guidance) and is judged by benchmarks/digits_quality.py: the share an SVM trained on real digits assigns to the
@@ -28,6 +33,7 @@ import argparse
 import copy
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,10 +136,12 @@ def sample_official(path, model_args, state, num_samples, steps=250, seed=0, bat
     return torch.cat(out).numpy(), labels.numpy()
 
 
-def train_ours(run_dir, overrides, budget, ckpt_every):
-    """python train.py until the loop's own time passes `budget` seconds, then SIGTERM (it checkpoints)."""
-    cmd = [sys.executable, "train.py", f"run_dir={run_dir}", "logger=none", f"train.ckpt_every={ckpt_every}",
-           f"train.log_every={ckpt_every}", "train.keep_last=0", "train.steps=1000000", "fid.at_end=false",
+def train_ours(run_dir, overrides, budget, log_every, steps=1_000_000, ckpt_every=None):
+    """python train.py until the loop's own time passes `budget` seconds, then SIGTERM (it checkpoints), or to
+    `steps`; logged and checkpointed every log_every steps unless ckpt_every says otherwise. The rate of a decayed
+    recipe is constant over its first steps * (1 - cooldown_fraction)."""
+    cmd = [sys.executable, "train.py", f"run_dir={run_dir}", "logger=none", f"train.ckpt_every={ckpt_every or log_every}",
+           f"train.log_every={log_every}", "train.keep_last=0", f"train.steps={steps}", "fid.at_end=false",
            *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     metrics = Path(run_dir) / "metrics.jsonl"
@@ -147,20 +155,71 @@ def train_ours(run_dir, overrides, budget, ckpt_every):
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
 
 
-def judge_ours(run_dir, overrides, budgets, num_samples):
-    seconds = training_seconds(Path(run_dir))
-    ckpts = sorted(int(p.stem) for p in (Path(run_dir) / "checkpoints").glob("*.pt"))
-    sample_overrides = [o.removeprefix("sample.") for o in overrides if o.startswith("sample.")]
-    rows = []
+def cooldown_fraction(overrides):
+    """optim.cooldown_fraction of train.py's config composed with these overrides (0: constant after warm-up)."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    return float(cfg.optim.get("cooldown_fraction", 0.0))
+
+
+def checkpoint_steps(run_dir):
+    return sorted(int(p.stem) for p in (Path(run_dir) / "checkpoints").glob("*.pt"))
+
+
+def branch(trunk, overrides, branch_step, steps, run_dir, log_every):
+    """The final state of a `steps`-step run of a decayed recipe, from the constant-rate trunk's checkpoint at
+    branch_step (at most steps - round(f * steps), where the rates of the two runs still agree): that checkpoint and
+    the trunk's metrics go into run_dir, and train.py resumes there with train.steps=steps (it truncates the metrics
+    to the branch point, so run_dir's training_seconds count the trunk's time up to it, then the branch's)."""
+    run_dir, final = Path(run_dir), Path(run_dir) / "checkpoints" / f"{steps:07d}.pt"
+    if not final.exists() or checkpoint_steps(run_dir)[0] != branch_step:  # else done by an earlier call
+        shutil.rmtree(run_dir, ignore_errors=True)
+        (run_dir / "checkpoints").mkdir(parents=True)
+        shutil.copy(Path(trunk) / "checkpoints" / f"{branch_step:07d}.pt", run_dir / "checkpoints")
+        shutil.copy(Path(trunk) / "metrics.jsonl", run_dir / "metrics.jsonl")
+        train_ours(run_dir, overrides, math.inf, log_every, steps=steps, ckpt_every=steps)
+    return final, training_seconds(run_dir)[steps]
+
+
+def states_ours(run_dir, overrides, budgets, fraction, log_every):
+    """{budget: (checkpoint, step, training seconds, branch step or None)}: the state each budget judges."""
+    seconds, ckpts = training_seconds(Path(run_dir)), checkpoint_steps(run_dir)
+    states = {}
     for budget in budgets:
         within = [s for s in ckpts if seconds.get(s, math.inf) <= budget]
-        if not within:
+        if fraction == 0:
+            if within:
+                states[budget] = (Path(run_dir) / "checkpoints" / f"{within[-1]:07d}.pt", within[-1],
+                                  seconds[within[-1]], None)
+            continue
+        per_step = seconds[max(seconds)] / max(seconds)
+        steps = int(0.97 * budget / per_step)
+        for _ in range(3):  # plan, and plan again (smaller) if the branch ran over the budget
+            start = max((s for s in within if s <= steps - round(fraction * steps)), default=0)
+            if start == 0:
+                break
+            ckpt, total = branch(run_dir, overrides, start, steps, Path(run_dir) / f"decay-{steps}", log_every)
+            if total <= budget:
+                states[budget] = (ckpt, steps, total, start)
+                break
+            steps = int(steps * budget / total * 0.98)
+    return states
+
+
+def judge_ours(run_dir, overrides, budgets, num_samples, fraction=0.0, log_every=25):
+    sample_overrides = [o.removeprefix("sample.") for o in overrides if o.startswith("sample.")]
+    states = states_ours(run_dir, overrides, budgets, fraction, log_every)
+    rows = []
+    for budget in budgets:
+        if budget not in states:
             rows.append({"budget_seconds": budget, "step": None})
             continue
-        step = within[-1]
-        judged = sample_and_judge(Path(run_dir) / "checkpoints" / f"{step:07d}.pt",
-                                  Path(run_dir) / "samples" / f"judge-{step:07d}", sample_overrides, num_samples, 1.0)
-        rows.append({"budget_seconds": budget, "step": step, "train_seconds": seconds[step], **judged})
+        ckpt, step, seconds, start = states[budget]
+        judged = sample_and_judge(ckpt, Path(run_dir) / "samples" / f"judge-{step:07d}", sample_overrides,
+                                  num_samples, 1.0)
+        rows.append({"budget_seconds": budget, "step": step, "train_seconds": seconds, "decay_from": start,
+                     **judged})
     return rows
 
 
@@ -229,10 +288,13 @@ def main():
                          "sample_seconds": time.perf_counter() - start, **judge(images, labels)})
         results["official"] = rows
     for name, overrides in args.ours:
-        run_dir = out / name
-        if not (run_dir / "metrics.jsonl").exists() or max(training_seconds(run_dir).values(), default=0) < budgets[-1]:
-            train_ours(run_dir, overrides, max([*budgets, *args.ours_budgets]), args.ckpt_every)
-        results[name] = judge_ours(run_dir, overrides, sorted({*budgets, *args.ours_budgets}), args.num_samples)
+        run_dir, ours_budgets = out / name, sorted({*budgets, *args.ours_budgets})
+        fraction = cooldown_fraction(overrides)
+        # A decayed recipe branches its decays off the constant-rate trunk, which needs to reach the last branch point.
+        trunk = ours_budgets[-1] * (1 if fraction == 0 else 1.1 * (1 - fraction))
+        if not (run_dir / "metrics.jsonl").exists() or max(training_seconds(run_dir).values(), default=0) < trunk:
+            train_ours(run_dir, overrides, trunk, args.ckpt_every)
+        results[name] = judge_ours(run_dir, overrides, ours_budgets, args.num_samples, fraction, args.ckpt_every)
         (out / "time_to_quality.json").write_text(json.dumps(results, indent=2))
     (out / "time_to_quality.json").write_text(json.dumps(results, indent=2))
 

@@ -354,7 +354,8 @@ def test_time_to_quality_benchmark_trains_both_sides_judges_and_plots(tmp_path):
     (official / "diffusion" / "__init__.py").write_text("from diffusion import create_diffusion\n")
     out = run_script(["benchmarks/time_to_quality.py", "--official", str(official), "--budgets", "2", "4",
                       "--num-samples", "20", "--ckpt-every", "5", "--out", str(tmp_path / "bench"),
-                      "--ours", "default:", "ddpm:diffusion=ddpm,sample.steps=10"], timeout=600).stdout
+                      "--ours", "default:", "ddpm:diffusion=ddpm,sample.steps=10,optim.cooldown_fraction=0"],
+                     timeout=600).stdout
     results = json.loads((tmp_path / "bench" / "time_to_quality.json").read_text())
     assert list(results) == ["official", "default", "ddpm"]
     for name, rows in results.items():
@@ -363,11 +364,42 @@ def test_time_to_quality_benchmark_trains_both_sides_judges_and_plots(tmp_path):
         assert judged, f"{name}: no state within the budgets"
         assert all(r["train_seconds"] <= r["budget_seconds"] and 0 <= r["class_match"] <= 1 and r["fd_digits"] > 0
                    for r in judged)
+    # The default decays its rate over the second half: each budget's state is a decay branched off the trunk.
+    decayed = [r for r in results["default"] if r["step"] is not None]
+    assert all(0 < r["decay_from"] <= r["step"] - round(0.5 * r["step"]) for r in decayed)
+    assert all((tmp_path / "bench" / "default" / f"decay-{r['step']}").is_dir() for r in decayed)
+    assert all(r.get("decay_from") is None for r in results["ddpm"])
     assert results["official"][0]["sampler"] == "ddpm-250" and results["ddpm"][-1]["sampler"] == "ddpm-10"
     assert "official code's 4-s quality" in out and "real held-out" in out
     assert (tmp_path / "bench" / "time_to_quality.png").stat().st_size > 0
     bad = run_script(["benchmarks/time_to_quality.py", "--official", str(tmp_path), "--ours"], check=False)
     assert bad.returncode != 0 and "no models.py there" in bad.stderr
+
+
+@pytest.mark.slow
+def test_time_to_quality_decay_branch_is_the_run_with_that_many_steps(tmp_path):
+    """How benchmarks/time_to_quality.py measures a decayed recipe at a budget: the constant-rate part of a longer
+    run, resumed at its checkpoint with train.steps=N, equals an N-step run bit for bit, and its training seconds
+    are the trunk's up to the branch point plus its own."""
+    import math
+    import sys
+
+    from conftest import ROOT, assert_same_state, final_state
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import time_to_quality as ttq
+    from digits_quality import training_seconds
+
+    overrides = ["precision=fp32", "device=cpu", "train.batch_size=16", "sample.steps=4", "sample.per_class=2",
+                 "optim.warmup_steps=2", "optim.cooldown_fraction=0.5"]
+    assert ttq.cooldown_fraction(overrides) == 0.5 and ttq.cooldown_fraction(["experiment=digits-quick"]) == 0
+    ttq.train_ours(tmp_path / "trunk", overrides, math.inf, 2, steps=12)  # constant rate up to step 6
+    ttq.train_ours(tmp_path / "direct", overrides, math.inf, 2, steps=8)  # decays over steps 5-8
+    ckpt, seconds = ttq.branch(tmp_path / "trunk", overrides, 4, 8, tmp_path / "branch", 2)
+    assert ckpt == tmp_path / "branch" / "checkpoints" / "0000008.pt" and ttq.checkpoint_steps(tmp_path / "branch") == [4, 8]
+    assert_same_state(final_state(tmp_path / "branch"), final_state(tmp_path / "direct"))
+    trunk, branched = training_seconds(tmp_path / "trunk"), training_seconds(tmp_path / "branch")
+    assert sorted(branched) == [2, 4, 6, 8] and branched[4] == trunk[4] and seconds == branched[8] > trunk[4]
+    assert ttq.branch(tmp_path / "trunk", overrides, 4, 8, tmp_path / "branch", 2) == (ckpt, seconds)  # reused
 
 
 def test_digits_quick_is_the_default_with_only_its_documented_changes():
