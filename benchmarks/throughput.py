@@ -17,8 +17,8 @@ kernel is train.attention=auto's, and AdamW is the fused kernel (optim.fused=tru
 digits default's input (8x8 pixels, one channel, 10 classes) instead of SD-VAE latents of ImageNet.
 
 --profile adds where our step's time goes (torch.profiler over a few steps, CPU self times): the matrix products,
-the dtype casts (bf16 autocast's copies), and everything else, with the number of aten operations per step. On a
-GPU these are the host's times (launch overhead), not the kernels'.
+the dtype casts (bf16 autocast's copies), and everything else, with the number of aten operations per step and the
+ten operations with the largest self times. On a GPU these are the host's times (launch overhead), not the kernels'.
 """
 
 import argparse
@@ -39,6 +39,7 @@ from utils.speed import attention_backend, forward_context, resolve_precision  #
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
 CAST_OPS = {"aten::copy_", "aten::_to_copy"}
+TOP_OPS = 10
 
 # Dense peak TFLOP/s (no sparsity) by GPU name fragment: (bf16, tf32).
 GPU_PEAKS = {"H200": (989.0, 494.7), "H100": (989.0, 494.7), "A100": (312.0, 156.0)}
@@ -117,9 +118,12 @@ def profile_step(step, steps):
             step()
     events = prof.key_averages()
     ms = lambda keep: sum(e.self_cpu_time_total for e in events if keep(e.key)) / steps / 1e3
+    top = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total,
+                 reverse=True)[:TOP_OPS]
     return {"matmul": ms(MATMUL_OPS.__contains__), "casts": ms(CAST_OPS.__contains__),
             "other": ms(lambda k: k not in MATMUL_OPS and k not in CAST_OPS),
-            "ops": sum(e.count for e in events if e.key.startswith("aten::")) / steps}
+            "ops": sum(e.count for e in events if e.key.startswith("aten::")) / steps,
+            "top": [(e.key, e.self_cpu_time_total / steps / 1e3, e.count / steps) for e in top]}
 
 
 def load_official(path):
@@ -227,6 +231,8 @@ def main():
         print(f"ours, profiled self time per step: {total:.1f} ms = matrix products {profiled['matmul']:.1f} + "
               f"dtype casts {profiled['casts']:.1f} + everything else {profiled['other']:.1f} ms; "
               f"{profiled['ops']:.0f} aten operations per step")
+        print(f"the {TOP_OPS} largest self times per step: " + ", ".join(
+            f"{key} {ms:.2f} ms ({calls:.0f} calls)" for key, ms, calls in profiled["top"]))
 
 
 if __name__ == "__main__":

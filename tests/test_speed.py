@@ -440,3 +440,7 @@ def test_throughput_benchmark_times_the_digits_step_as_train_py_runs_it():
     total, *parts = map(float, re.search(r"per step: ([\d.]+) ms = matrix products ([\d.]+) \+ dtype casts "
                                          r"([\d.]+) \+ everything else ([\d.]+) ms", out).groups())
     assert parts[0] > 0 and abs(sum(parts) - total) <= 0.15, out
+    top = re.findall(r"(aten::\w+) ([\d.]+) ms \((\d+) calls\)", out.split("largest self times per step: ")[1])
+    times = [float(ms) for _, ms, _ in top]
+    assert len(top) == 10 and "aten::mm" in {key for key, _, _ in top}, out
+    assert times == sorted(times, reverse=True) and times[0] <= total, out
