@@ -13,7 +13,6 @@ Ranks never wait for each other, so a resumed run with uneven remaining work can
 """
 
 import json
-import os
 from pathlib import Path
 
 import hydra
@@ -29,6 +28,7 @@ from models.vae import channel_stats, moment_sums
 from models import build_vae
 from utils.distributed import setup_distributed
 from utils.errors import ConfigError, report_user_errors
+from utils.files import atomic_write_text
 
 
 def check_existing(out, manifest):
@@ -50,9 +50,7 @@ def shard_sums(out, index):
     if path.is_file():
         return json.loads(path.read_text())
     sums = moment_sums(torch.from_numpy(np.load(shard_path(out, index), mmap_mode="r")[:].astype(np.float32)))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(sums))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(sums))
     return sums
 
 

@@ -33,6 +33,9 @@ from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from utils.logger import read_metrics  # noqa: E402
+
 DEFAULT_CONFIGS = ("ddpm:diffusion=ddpm", "flow:diffusion=flow")
 
 
@@ -93,7 +96,7 @@ def parse_config(spec):
 
 def training_seconds(run_dir):
     """{step: seconds of training up to that step} from metrics.jsonl (each row averages its window's steps)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir / "metrics.jsonl", warn=False)   # a run still writing may have a torn last line
     rows = [r for r in rows if "step_time" in r]
     elapsed, last, out = 0.0, 0, {}
     for r in rows:

@@ -35,7 +35,8 @@ import extract_latents  # noqa: E402
 from data import StepSampler, build_dataset  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from models import VAE, create_model, model_stats  # noqa: E402
-from train import apply_flips, step_generator, update_ema  # noqa: E402
+from data.batches import apply_flips, step_generator  # noqa: E402
+from utils.ema import update_ema  # noqa: E402
 
 # Stable Diffusion's VAE (stabilityai/sd-vae-ft-ema config.json), minus the weights.
 SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,

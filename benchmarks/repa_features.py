@@ -15,7 +15,6 @@ a temporary folder (their speed is that of the real ones; nothing is downloaded)
 """
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from latent_cache import SD_VAE_CONFIG  # noqa: E402
+from utils.logger import read_metrics  # noqa: E402
 
 
 def write_inputs(folder, images):
@@ -53,7 +53,7 @@ def run(args, script, overrides):
 
 
 def step_seconds(run_dir, warmup):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
     times = [r["step_time"] for r in rows if "step_time" in r and r["step"] > warmup]
     return float(np.mean(times))
 

@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from diffusion.objectives import objective_name  # noqa: E402
 from diffusion.sampling import sample  # noqa: E402
 from digits_quality import judge  # noqa: E402
 from sample import load_sampling_model  # noqa: E402
@@ -149,7 +150,7 @@ def main():
     ckpt, state = resolve_checkpoint(args.run)
     model, info = load_sampling_model(ckpt, ckpt=state)
     model = CountingModel(model.to(device).eval())
-    objective = info["diffusion"].get("objective", "ddpm")
+    objective = objective_name(info["diffusion"])
     samplers = args.samplers or [parse_sampler(s) for s in DEFAULT_SAMPLERS[objective]]
     margs = info["model_args"]
     channels, size, num_classes = margs["in_channels"], margs["input_size"], margs["num_classes"]

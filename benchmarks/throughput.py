@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from diffusion import build_objective  # noqa: E402
 from models import DiT_models, model_stats  # noqa: E402
-from utils.parallel import checkpoint_activations, compile_blocks  # noqa: E402
+from train import train_step  # noqa: E402
+from utils.parallel import Trainables, checkpoint_activations, compile_blocks  # noqa: E402
 from utils.speed import attention_backend, forward_context, resolve_precision  # noqa: E402
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
@@ -87,17 +88,25 @@ def official_loss(diffusion):
     return loss
 
 
-def objective_loss(objective):
-    """loss(model, x, y) of one of our objectives (diffusion/objectives.py), drawn as train.py draws."""
-    def loss(model, x, y):
+def our_step(model, objective, x, y, precision, device, attention=None):
+    """A closure running train.py's own training step (train.train_step: the objective's draws and loss, backward,
+    the gradient norm) and the fused AdamW update on the fixed batch (x, y), as train.py runs them."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=True)
+    trainables = Trainables().add(model.parameters(), opt, model)
+    forward = forward_context(precision, device, attention)
+    no_repa = torch.zeros(len(x), 0, device=device)
+
+    def step():
         t, noise = objective.draw(None, len(x), x.shape[1:], x.device)
-        return objective.losses(model, x, t, noise, dict(y=y))["loss"].mean()
-    return loss
+        trainables.zero_grad(1e-4)
+        train_step(model, objective, trainables, (x, t, y, noise, no_repa), forward=forward)
+        trainables.step()
+    return step
 
 
 def make_step(model, loss_fn, x, y, precision, device, fused, attention=None):
-    """A closure running one training step of `model` on the fixed batch (x, y): the forward in bf16 autocast when
-    precision is bf16 and under the forced attention kernel if any (utils.speed.forward_context)."""
+    """A closure running one training step of the official code's `model` on the fixed batch (x, y): the forward in
+    bf16 autocast when precision is bf16 and under the forced attention kernel if any (utils.speed.forward_context)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=fused or None)
     forward = forward_context(precision, device, attention)
 
@@ -111,17 +120,22 @@ def make_step(model, loss_fn, x, y, precision, device, fused, attention=None):
 
 
 def profile_step(step, steps):
-    """Self time per step (ms) of the matrix products, the dtype casts and the rest, and aten operations per step."""
+    """Self time per step (ms) of the matrix products, the dtype casts and the rest, the profiler's own total of
+    all self times, the wall-clock time per profiled step (which that total can approach but not exceed: one
+    thread's self times do not overlap), and aten operations per step."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             step()
+        wall = (time.perf_counter() - start) / steps * 1e3
     events = prof.key_averages()
     ms = lambda keep: sum(e.self_cpu_time_total for e in events if keep(e.key)) / steps / 1e3
     top = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total,
                  reverse=True)[:TOP_OPS]
     return {"matmul": ms(MATMUL_OPS.__contains__), "casts": ms(CAST_OPS.__contains__),
             "other": ms(lambda k: k not in MATMUL_OPS and k not in CAST_OPS),
+            "total": events.self_cpu_time_total / steps / 1e3, "wall": wall,
             "ops": sum(e.count for e in events if e.key.startswith("aten::")) / steps,
             "top": [(e.key, e.self_cpu_time_total / steps / 1e3, e.count / steps) for e in top]}
 
@@ -153,6 +167,12 @@ def main():
                         help="imagenet: SD-VAE latents (image-size / 8, 4 channels, 1000 classes); digits: 8x8x1, "
                              "10 classes")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend (aot_eager: traces the same graphs without generating kernels, "
+                             "for a quick check of the path)")
+    parser.add_argument("--peak", type=float, default=None,
+                        help="the device's peak TFLOP/s for MFU (default: the datasheet for known GPUs, a measured "
+                             "4096^3 matmul on CPUs)")
     parser.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in backward")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -177,7 +197,7 @@ def main():
     build = lambda **kw: DiT_models[args.model](input_size=latent, in_channels=channels, num_classes=classes, **kw)
     gflops = model_stats(build, (channels, latent, latent))["gflops"]
     flops_per_image = 3 * 2 * gflops * 1e9
-    peak, peak_source = device_peak_tflops(device, precision)
+    peak, peak_source = (args.peak, "--peak") if args.peak else device_peak_tflops(device, precision)
 
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, channels, latent, latent, device=device)
@@ -190,15 +210,22 @@ def main():
         if device.type == "cpu":  # inductor's pool of compile workers competes with the timed steps for the cores
             from torch._inductor import config as inductor_config
             inductor_config.compile_threads = 1
-        compile_blocks(model)
+        compile_blocks(model, backend=args.compile_backend)
     rows = []
-    ours = make_step(model, objective_loss(objective), x, y, precision, device, fused=True,
-                     attention=attention_backend("auto", device, precision, args.compile))
+    ours = our_step(model, objective, x, y, precision, device,
+                    attention=attention_backend("auto", device, precision, args.compile))
     options = "+".join([args.objective, precision] + (["compile"] if args.compile else []) +
                        (["ckpt"] if args.grad_checkpoint else []))
     rows.append((f"ours ({options})", *time_steps(ours, args.steps, args.warmup, device)))
     profiled = profile_step(ours, min(args.steps, 5)) if args.profile else None
     del model, ours
+    graphs = None
+    if args.compile:  # identical blocks share one graph; a graph break or a recompilation shows as more
+        from torch._dynamo.utils import counters
+        breaks = counters["graph_break"]
+        graphs = (f"torch.compile ({args.compile_backend}): {counters['stats']['unique_graphs']} graph(s) from "
+                  f"{counters['frames']['ok']} compiled frame(s), {sum(breaks.values())} graph break(s)" +
+                  (": " + "; ".join(breaks) if breaks else ""))
 
     if args.official:
         official_models, official_diffusion = load_official(args.official)
@@ -226,11 +253,12 @@ def main():
         print(f"{name:28s}{images:>10.1f}{seconds * 1000:>10.0f}{mfu:>8.1%}{mem:>10s}")
     if len(rows) == 2:
         print(f"speed-up over the official implementation: {rows[1][1] / rows[0][1]:.2f}x")
+    if graphs:
+        print(graphs)
     if profiled:
-        total = profiled["matmul"] + profiled["casts"] + profiled["other"]
-        print(f"ours, profiled self time per step: {total:.1f} ms = matrix products {profiled['matmul']:.1f} + "
-              f"dtype casts {profiled['casts']:.1f} + everything else {profiled['other']:.1f} ms; "
-              f"{profiled['ops']:.0f} aten operations per step")
+        print(f"ours, profiled self time per step: {profiled['total']:.1f} ms of {profiled['wall']:.1f} ms wall time "
+              f"= matrix products {profiled['matmul']:.1f} + dtype casts {profiled['casts']:.1f} + everything else "
+              f"{profiled['other']:.1f} ms; {profiled['ops']:.0f} aten operations per step")
         print(f"the {TOP_OPS} largest self times per step: " + ", ".join(
             f"{key} {ms:.2f} ms ({calls:.0f} calls)" for key, ms, calls in profiled["top"]))
 

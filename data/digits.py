@@ -1,5 +1,6 @@
 """scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes): the offline default dataset."""
 
+import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import Dataset
@@ -26,3 +27,12 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, i):
         return self.images[i], int(self.labels[i])
+
+    def heldout_indices(self):
+        """The indices of the digits judge's held-out split (evaluation/digits.py: sklearn's train_test_split with
+        test_size=0.3, random_state=0, stratified; 540 images, in that split's order). Training still uses all 1797
+        images: these are a fixed evaluation set, not disjoint from the training data."""
+        from sklearn.model_selection import train_test_split
+        _, test = train_test_split(np.arange(len(self.labels)), test_size=0.3, random_state=0,
+                                   stratify=self.labels.numpy())
+        return test

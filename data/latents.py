@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from utils.errors import ConfigError, MissingFile
+from utils.files import atomic_write, temp_name
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -67,23 +68,15 @@ def make_manifest(*, vae, scaling_factor, image_size, latent_channels, latent_si
             "source": None if source is None else str(source), "repa": repa, "complete": False}
 
 
-def _replace_atomically(path, write):
-    """write(tmp) into a temporary file beside `path`, then rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_manifest(root, manifest):
-    _replace_atomically(Path(root) / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    atomic_write(Path(root) / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
 
 
 def write_labels(root, labels):
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(labels, dtype=np.int64))
-    _replace_atomically(Path(root) / LABELS, write)
+    atomic_write(Path(root) / LABELS, write)
 
 
 def read_manifest(root):
@@ -127,7 +120,7 @@ class ShardWriter:
 
     def __init__(self, root, index, count, entry_shape, dtype, part=""):
         self.path = shard_path(root, index, part)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.tmp = temp_name(self.path)   # renamed over the shard's name once complete (commit)
         self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=(count, *entry_shape))
         self.filled = 0
 
@@ -208,3 +201,21 @@ class LatentCacheDataset(Dataset):
         if not self.with_repa_features:
             return moments, int(self.labels[i])
         return moments, int(self.labels[i]), torch.from_numpy(np.array(self.shard(index, "repa")[row], dtype=np.float32))
+
+
+def input_shape(dataset, vae=None):
+    """(C, H, W) of the network's input: the dataset's items (images, or a latent cache's latents), or the latents
+    of its images when `vae` encodes them on the fly."""
+    if vae is None or isinstance(dataset, LatentCacheDataset):
+        return dataset.channels, dataset.image_size, dataset.image_size
+    return vae.latent_shape(dataset.channels, dataset.image_size)
+
+
+def cache_channel_stats(dataset, path):
+    """(mean, std) per latent channel recorded in a latent cache's manifest by extract_latents.py."""
+    if "channel_mean" not in dataset.manifest:
+        raise ConfigError(f"the latent cache {path} has no channel statistics (it was made before extract_latents.py "
+                          f"recorded them); re-run the extract_latents.py command that made it (it adds them without "
+                          f"encoding again), or set vae.normalize=false")
+    return dataset.manifest["channel_mean"], dataset.manifest["channel_std"]
+

@@ -31,15 +31,25 @@ def objective_name(diffusion_cfg):
     return name
 
 
+def canonical_config(diffusion_cfg):
+    """A diffusion config with its objective named (configs from before flows name none: DDPM), so two configs of
+    the same objective compare equal however old they are."""
+    return {**dict(diffusion_cfg or {}), "objective": objective_name(diffusion_cfg)}
+
+
 def build_objective(diffusion_cfg):
-    """DDPMObjective or FlowObjective from a diffusion config (a dict or DictConfig)."""
-    kwargs = {k: v for k, v in dict(diffusion_cfg or {}).items() if k != "objective"}
-    name = objective_name(diffusion_cfg)
+    """DDPMObjective or FlowObjective from a diffusion config (a dict or DictConfig); the objective keeps the
+    config as `config` (what samplers and checkpoints read)."""
+    config = canonical_config(diffusion_cfg)
+    kwargs = {k: v for k, v in config.items() if k != "objective"}
+    name = config["objective"]
+    cls = DDPMObjective if name == "ddpm" else FlowObjective
     try:
-        return DDPMObjective(**kwargs) if name == "ddpm" else FlowObjective(**kwargs)
+        objective = cls(**kwargs)
     except TypeError as error:  # an unknown key: name the valid ones
-        cls = DDPMObjective if name == "ddpm" else FlowObjective
         raise ConfigError(f"diffusion (objective={name}): {error}; valid keys: {', '.join(cls.KEYS)}") from None
+    objective.config = config
+    return objective
 
 
 class DDPMObjective:

@@ -10,11 +10,12 @@ biases), trained with the network (its own optimizer with the same settings) and
 needed to sample. z_i come from the encoder under no_grad, so its weights never receive a gradient.
 
 Encoders (`repa.encoder`):
-- `digits`: the digits feature network's 4x4 grid of 128-d features (evaluation/digits.py), DiT-Mini/2's token grid
-  on the bundled 8x8 digits: REPA on a laptop, nothing to download.
+- `digits`: the digits network's 4x4 grid of 128-d features (models/digits_net.py, the FD-digits network), DiT-Mini/2's
+  token grid on the bundled 8x8 digits: REPA on a laptop, nothing to download.
 - `dinov2-vit-s|b|l|g`: timm's `vit_{small,base,large,giant}_patch14_dinov2.lvd142m` from a local weights file
-  (`repa.weights`), with REPA's preprocessing: images in [0, 1], ImageNet mean/std, then a bicubic resize to
-  224 * resolution / 256 (no antialiasing); the patch tokens after the final norm (x_norm_patchtokens).
+  (`repa.weights`; built by models/dinov2.py), with REPA's preprocessing: images in [0, 1], ImageNet mean/std, then
+  a bicubic resize to 224 * resolution / 256 (no antialiasing); the patch tokens after the final norm
+  (x_norm_patchtokens).
 When the encoder's token grid differs from the network's, the encoder features are resampled to the network's grid
 (area-averaged when shrinking, bilinear when growing), and a warning says so once. A latent cache made with
 `extract_latents.py repa.encoder=...` holds the features of both flips, and then no encoder runs in training.
@@ -27,10 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.errors import ConfigError, MissingFile
+from data import LatentCacheDataset
+from models.digits_net import load_digits_net
+from models.dinov2 import IMAGENET_MEAN, IMAGENET_STD, VARIANTS as DINOV2, build_dinov2
+from utils.errors import ConfigError
 
-DINOV2 = {"s": "vit_small_patch14_dinov2.lvd142m", "b": "vit_base_patch14_dinov2.lvd142m",
-          "l": "vit_large_patch14_dinov2.lvd142m", "g": "vit_giant_patch14_dinov2.lvd142m"}
 ENCODERS = ("digits", *(f"dinov2-vit-{k}" for k in DINOV2))
 
 
@@ -68,12 +70,11 @@ def resample_tokens(z, grid):
 
 
 class DigitsEncoder:
-    """The digits feature network's spatial features: images in [-1, 1] (N, 1, 8, 8) -> (N, 16, 128)."""
+    """The digits network's spatial features: images in [-1, 1] (N, 1, 8, 8) -> (N, 16, 128)."""
 
     width = 128
 
     def __init__(self, device):
-        from evaluation.digits import load_digits_net
         self.net = load_digits_net()[0].to(device)
 
     def __call__(self, images):
@@ -83,27 +84,13 @@ class DigitsEncoder:
         return self.net(images.float())["spatial"]
 
 
-def dinov2_missing(name, path):
-    model = DINOV2[name[-1]]
-    where = f"no file at {path}" if path else "no weights file given"
-    return (f"the REPA encoder {name} needs DINOv2 weights ({where}).\n"
-            f"  file:    model.safetensors of timm/{model} (or the original dinov2_vit{name[-1]}14_pretrain.pth)\n"
-            f"  source:  `huggingface-cli download timm/{model} model.safetensors --local-dir {name}` on a machine "
-            f"with network, or https://github.com/facebookresearch/dinov2#pretrained-models\n"
-            f"  setting: repa.weights=PATH")
-
-
 class DINOv2Encoder:
     """DINOv2 patch features with REPA's preprocessing: images in [-1, 1] (N, 3, H, W) -> (N, T, width)."""
 
     def __init__(self, name, weights, resolution, device):
-        from pathlib import Path
-
-        from evaluation.dinov2 import IMAGENET_MEAN, IMAGENET_STD, build_dinov2
-        if weights is None or not Path(weights).is_file():   # REPA's message, not FD-DINOv2's
-            raise MissingFile(dinov2_missing(name, weights))
         self.size = 224 * max(1, resolution // 256)
-        self.model = build_dinov2(weights, DINOV2[name[-1]], img_size=self.size).to(device)   # the FD loader
+        self.model = build_dinov2(weights, DINOV2[name[-1]], img_size=self.size, used_for=f"the REPA encoder {name}",
+                                  setting="repa.weights=PATH").to(device)
         self.width = self.model.embed_dim
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
@@ -208,3 +195,25 @@ class REPA:
 
     def parameters(self):
         return list(self.projector.parameters())
+
+
+def build_repa(model, dataset, encoder=None, depth=8, coeff=0.5, projector_dim=2048, weights=None, image_size=256,
+               cache=None, device="cpu", seed=0):
+    """REPA's term for training `model` on `dataset` (conf/train.yaml's repa settings), or None when encoder is None.
+    On a latent cache (no images to encode) the cache must hold this encoder's features; they are then read with
+    the latents and no encoder is loaded."""
+    if not encoder:
+        return None
+    stored = None
+    if isinstance(dataset, LatentCacheDataset):
+        stored = dataset.repa
+        if not stored or stored["encoder"] != encoder:
+            raise ConfigError(f"repa.encoder={encoder} with data=latents needs the encoder's features in the latent "
+                              f"cache {cache}, which holds {'those of ' + stored['encoder'] if stored else 'none'}; "
+                              f"make a cache with them (python extract_latents.py ... repa.encoder={encoder} "
+                              f"repa.weights=PATH) or train from images (data=imagefolder with vae=...)")
+        dataset.with_repa_features = True
+    return REPA(model, encoder, depth=depth, coeff=coeff, projector_dim=projector_dim, weights=weights,
+                image_size=dataset.resolution if stored else image_size, device=device,
+                stored_width=stored and stored["width"], seed=seed)
+

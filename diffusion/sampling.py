@@ -7,6 +7,7 @@ it: ddpm / ddim / dpm-solver++ for DDPM models, ode / sde for flow models.
 """
 
 import math
+from contextlib import contextmanager, nullcontext
 
 import torch
 from diffusers import DPMSolverMultistepScheduler
@@ -17,6 +18,7 @@ from .guidance import autoguidance, classifier_free_guidance
 from .objectives import build_objective, objective_name
 from .transport import Sampler
 from utils.errors import ConfigError
+from utils.images import to_uint8
 
 SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm-solver++"), "flow": ("ode", "sde")}
 # Steps when none are given: DiT's DDPM-250, DDIM-50, DPM-Solver++ 20; SiT's ODE (50 grid points) and SDE-250.
@@ -44,13 +46,46 @@ def resolve_sampler(diffusion_kwargs, sampler="auto", steps=None):
     return sampler, DEFAULT_STEPS[sampler] if steps is None else int(steps)
 
 
+def initial_noise(seed, indices, shape, device="cpu"):
+    """The starting noise of samples `indices` (N, *shape): sample i's from a generator seeded by (seed, i), so it
+    depends on neither the batch nor the number of processes. sample.py and train.py's in-loop FID both draw
+    here, so a checkpoint's samples are the same in the loop and offline."""
+    noise = [torch.randn(*shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in indices]
+    return torch.stack(noise).to(device) if noise else torch.zeros(0, *shape, device=device)
+
+
+@contextmanager
+def seeded_rng(seed, device):
+    """Run a sampler's own draws (DDPM's per-step noise, the SDE's) from torch's global RNG seeded by `seed`, and
+    restore the global RNG afterwards: the samples depend on the seed only, not on what ran before."""
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=torch.device(device).type):
+        torch.manual_seed(seed)
+        yield
+
+
+def sample_images(model, indices, labels, *, seed, shape, device, decoder=None, context=nullcontext, rng_seed=None,
+                  **sample_kwargs):
+    """uint8 images (N, C, H, W) of samples `indices` of class `labels`: their starting noise initial_noise(seed, i),
+    a sampler's own draws from torch's RNG seeded by rng_seed (None: the global RNG as it stands), the network
+    under context() (the run's autocast), and `decoder` (a VAE, fp32) turning latents into images in [-1, 1].
+    sample_kwargs go to sample() (null_class, the sampler and guidance settings, objective or diffusion_kwargs)."""
+    noise = initial_noise(seed, indices, shape, device)
+    labels = torch.as_tensor(labels, device=device)
+    with torch.no_grad(), seeded_rng(rng_seed, device) if rng_seed is not None else nullcontext(), context():
+        x = sample(model, noise, labels, clip_denoised=decoder is None, **sample_kwargs)  # latents are not in [-1, 1]
+    x = x.float()  # sampled under bf16 autocast the outputs may be bf16; images and the VAE are fp32
+    return to_uint8(x if decoder is None else decoder.decode(x))
+
+
 def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_scale=1.0, cfg_channels=None,
            guidance_low=None, guidance_high=None, eta=0.0, clip_denoised=False, diffusion_kwargs=None, time_shift=1.0,
-           ode=None, sde=None, generator=None, progress=False, guidance="cfg", guide_model=None):
+           ode=None, sde=None, generator=None, progress=False, guidance="cfg", guide_model=None, objective=None):
     """Draw x_0 (DDPM) or x_1 (flow) from the given starting noise, conditioned on `labels`.
 
     model: model(x, t, y); labels: (N,) class ids (null_class for unconditional samples).
-    diffusion_kwargs: the diffusion config the model was trained with (its `objective`, schedule or path, ...).
+    diffusion_kwargs: the diffusion config the model was trained with (its `objective`, schedule or path, ...);
+        or `objective`: the objective that trained it (diffusion.build_objective's), when it is at hand.
     sampler / steps: see resolve_sampler. DDPM samplers respace the training process to `steps`; for flows,
         `steps` is SiT's num_steps (grid points: euler takes steps - 1 updates, the SDE steps - 1 plus a last step).
     guidance_low / guidance_high: guide only while the model time is inside [low, high] (None: unbounded), in the
@@ -64,11 +99,16 @@ def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_
     guidance: "cfg" (classifier-free, weight cfg_scale) or "auto" (autoguidance by `guide_model`, a weaker network
         of the same objective and data, weight cfg_scale); the interval and cfg_channels apply to both.
     """
+    if objective is not None:
+        diffusion_kwargs = objective.config
     sampler, steps = resolve_sampler(diffusion_kwargs, sampler, steps)
     interval = (-math.inf if guidance_low is None else guidance_low, math.inf if guidance_high is None else guidance_high)
     if guidance not in ("cfg", "auto") or (guidance == "auto") != (guide_model is not None):
         raise ConfigError(f"guidance={guidance!r}: use guidance=cfg, or guidance=auto with a guide model (guide_ckpt=...)")
-    objective = build_objective(diffusion_kwargs) if sampler in SAMPLERS["flow"] else None
+    if sampler not in SAMPLERS["flow"]:
+        objective = None
+    elif objective is None:
+        objective = build_objective(diffusion_kwargs)
     as_fn = objective.network if objective else (lambda network: network)   # flows: the network sees t * time_scale
     if guidance == "auto":
         guide = lambda network: autoguidance(network, as_fn(guide_model), cfg_scale, cfg_channels, interval)

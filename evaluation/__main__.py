@@ -21,7 +21,7 @@ import sys
 
 from utils.errors import ConfigError, report_user_errors
 
-from .digits import digits_source
+from .digits import WEIGHTS, digits_source, save_digits_net, train_digits_net
 from .evaluator import build_reference, evaluate
 from .features import FEATURE_NETWORKS
 from .inputs import dataset_source, open_source, read_sidecar
@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p = sub.add_parser("fid", help="FID (+ IS, precision/recall) of samples against reference statistics")
     p.add_argument("samples", nargs="+", help="samples.npz (ADM format) or image folders; several are merged")
     p.add_argument("--ref", required=True, help="reference statistics: ADM/our .npz, or a torch-fidelity .pt cache")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a .pt reference that needs full unpickling (anything beyond tensors and float numpy "
+                        "arrays); unpickling runs the file's code: only for a file you made or trust")
     p.add_argument("--is", dest="isc", action="store_true", help="also the Inception Score")
     p.add_argument("--pr", dest="prc", action="store_true", help="also precision/recall (k=3, Inception features)")
     p.add_argument("--sfid", action="store_true",
@@ -105,7 +108,7 @@ def run_fid(args, argv):
         ref_images=[open_source(s) for s in args.ref_images] if args.ref_images else None,
         num_samples=args.num_samples, device=args.device, batch_size=args.batch_size, isc_splits=args.isc_splits,
         download=not args.no_download, progress=not args.quiet, features=args.features,
-        weights=args.weights or args.inception_weights,
+        weights=args.weights or args.inception_weights, trust_pickle=args.trust_pickle,
     )
     # The sidecar's sampling provenance (sampler, steps, cfg_scale, ckpt, ...) goes in as it is; the
     # evaluator's own measurements (num_samples, ...) win on a clash.
@@ -153,7 +156,6 @@ def run_ref(args, argv):
 
 
 def run_train_digits(args):
-    from .digits import WEIGHTS, save_digits_net, train_digits_net
     payload = save_digits_net(train_digits_net(progress=True), args.out or WEIGHTS)
     print(f"wrote {args.out or WEIGHTS}: held-out accuracy {payload['held_out_accuracy']:.2%}, "
           f"sha256 {payload['sha256'][:16]}…")

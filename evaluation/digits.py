@@ -1,65 +1,43 @@
-"""A feature network for the bundled 8x8 digits: FID, precision/recall, IS and class accuracy on any machine.
+"""The digits feature network (models/digits_net.py) as a feature network for FID, precision/recall, IS and class
+accuracy on any machine, and the code that trains it.
 
 Inception needs a 100 MB weights file a fresh or offline machine does not have, and it sees an 8x8 digit as a
-blurred 299x299 picture. This small convolutional classifier of scikit-learn's digits is trained in seconds on a
-fixed split, deterministically, and its weights ship with the repository (evaluation/weights/digits_net.pt,
-with their SHA-256), so every run on every machine measures with the same network:
-
-    conv 3x3 1->32, ReLU                 8x8
-    conv 3x3 32->64, ReLU, max-pool 2    4x4
-    conv 3x3 64->128, ReLU               4x4    <- `spatial`: a 4x4 grid of 128-d features (DiT-Mini/2's tokens)
-    global average pool                  128    <- `pool`: the features of Frechet distance and precision/recall
-    linear 128->10                       10     <- `logits`: Inception Score and the class-accuracy score
+blurred 299x299 picture. The digits network, a small convolutional classifier of scikit-learn's digits, is trained
+in seconds on a fixed split, deterministically, and its weights ship with the repository
+(evaluation/weights/digits_net.pt, with their SHA-256), so every run on every machine measures with the same network.
 
 `python -m evaluation train-digits` retrains it (same seed, same split: the same weights on this CPU type and torch
 version) and rewrites the file. The split is the digits judge's (benchmarks/digits_quality.py): 70% train, 30%
 held out, stratified, random_state 0; reference statistics are those of the train split, and the distance of the
-held-out digits to them is the floor every score is reported beside.
+held-out digits to them is the floor every score is reported beside (real_digits.py).
 """
 
-import hashlib
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from utils.errors import ConfigError, MissingFile
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from tqdm.auto import tqdm
 
-WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits_net.pt"
+from models.digits_net import WEIGHTS, DigitsNet, load_digits_net, state_sha256, to_input
+from utils.errors import ConfigError
+from utils.files import atomic_write_bytes
+
+from .inputs import ImageSource
+from .network import FeatureNetwork
+
 SEED = 0
 EPOCHS = 60
 BATCH = 64
 LR = 2e-3
 
 
-class DigitsNet(nn.Module):
-    """The classifier; forward returns {"spatial": (N, 16, 128), "pool": (N, 128), "logits": (N, 10)}."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
-        self.fc = nn.Linear(128, 10)
-
-    def forward(self, x):
-        """x: float (N, 1, 8, 8) in [-1, 1]."""
-        h = F.relu(self.conv1(x))
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)              # (N, 64, 4, 4)
-        h = F.relu(self.conv3(h))                               # (N, 128, 4, 4)
-        pool = h.mean((2, 3))                                   # (N, 128)
-        return {"spatial": h.flatten(2).transpose(1, 2), "pool": pool, "logits": self.fc(pool)}
-
-
 def digits_split():
     """(x_train, y_train, x_test, y_test): the bundled digits as uint8 (N, 1, 8, 8) tensors (0..16 mapped to
     0..255 as data/digits.py does) and int64 labels, split as the digits judge splits them."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     digits = load_digits()
     images = np.round(digits.images / 16 * 255).astype(np.uint8)[:, None]
     x_train, x_test, y_train, y_test = train_test_split(images, digits.target, test_size=0.3, random_state=0,
@@ -70,16 +48,10 @@ def digits_split():
 
 def digits_source(split="train"):
     """The real digits of one split ("train", "heldout" or "all") as a labelled ImageSource of uint8 images."""
-    from .inputs import ImageSource
     x_train, y_train, x_test, y_test = digits_split()
     x, y = {"train": (x_train, y_train), "heldout": (x_test, y_test),
             "all": (torch.cat([x_train, x_test]), torch.cat([y_train, y_test]))}[split]
     return ImageSource.from_array(x, name=f"digits:{split}", labels=y.numpy())
-
-
-def to_input(images):
-    """uint8 (N, 1, 8, 8) -> float in [-1, 1], the network's input (and the generators' data range)."""
-    return images.float() / 127.5 - 1
 
 
 def _shift(x, generator):
@@ -103,7 +75,6 @@ def train_digits_net(epochs=EPOCHS, seed=SEED, progress=False):
         opt = torch.optim.Adam(net.parameters(), lr=LR, weight_decay=1e-4)
         steps = epochs * ((len(x) + BATCH - 1) // BATCH)
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
-        from tqdm.auto import tqdm
         for _ in tqdm(range(epochs), desc="digits network", disable=not progress):
             order = torch.randperm(len(x), generator=generator)
             for i in range(0, len(x), BATCH):
@@ -116,15 +87,6 @@ def train_digits_net(epochs=EPOCHS, seed=SEED, progress=False):
         return net.eval().requires_grad_(False)
     finally:
         torch.set_num_threads(threads)
-
-
-def state_sha256(state_dict):
-    """SHA-256 of a state dict's tensors (names, shapes, dtypes and bytes, in key order): the network's identity."""
-    h = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def held_out_accuracy(net):
@@ -142,29 +104,12 @@ def save_digits_net(net, path=WEIGHTS):
                "seed": SEED, "epochs": EPOCHS, "torch": str(torch.__version__)}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buffer.getvalue())
     return payload
 
 
-def load_digits_net(path=None):
-    """(network, info) from the shipped weights (or `path`); the stored hash is checked."""
-    path = Path(path) if path is not None else WEIGHTS
-    if not path.is_file():
-        raise MissingFile(f"the digits feature network's weights {path} are missing; regenerate them with "
-                                f"`python -m evaluation train-digits` (seconds on a CPU)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if state_sha256(payload["state_dict"]) != payload["sha256"]:
-        raise ConfigError(f"{path} does not match its recorded SHA-256 (a damaged file); regenerate it with "
-                         f"`python -m evaluation train-digits`")
-    net = DigitsNet()
-    net.load_state_dict(payload["state_dict"])
-    return net.eval().requires_grad_(False), {k: v for k, v in payload.items() if k != "state_dict"}
-
-
-class DigitsFeatures:
-    """The digits network as a feature extractor with InceptionFeatures' interface: call it on uint8
+class DigitsFeatures(FeatureNetwork):
+    """The digits network with the FeatureNetwork interface: call it on uint8
     (N, 1, 8, 8) batches (3-channel grey is accepted) -> {layer: float32 (N, D)}.
 
     layers: "pool" (128-d, FID and precision/recall), "logits" (10, IS and class accuracy), "spatial" (16 x 128).
@@ -201,39 +146,6 @@ class DigitsFeatures:
                     out[name].append(features[name].float())
         return {name: torch.cat(fs) for name, fs in out.items()}
 
-    def iterate(self, batches, total=None, progress=True, desc="digits features"):
-        from tqdm.auto import tqdm
-        with tqdm(total=total, unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
-            for images in batches:
-                yield self(images)
-                bar.update(images.shape[0])
-
     def provenance(self):
         return {"name": "digits", "layers": list(self.layers), "weights": str(self.weights_path.resolve()),
                 "weights_sha256": self.info["sha256"], "held_out_accuracy": self.info["held_out_accuracy"]}
-
-
-def cache_dir():
-    """Where built reference statistics are cached: $DIT_CACHE, else ~/.cache/dit-research."""
-    return Path(os.environ.get("DIT_CACHE") or Path.home() / ".cache" / "dit-research")
-
-
-def digits_reference(folder=None):
-    """Path of the train-split reference statistics in the shipped digits network's features, built on first use
-    (a second) and cached under a name carrying the weights' hash, so a retrained network never meets stale ones."""
-    from .evaluator import build_reference
-
-    _, info = load_digits_net()
-    path = Path(folder or cache_dir()) / f"digits-train-{info['sha256'][:12]}.npz"
-    if not path.is_file():
-        build_reference(digits_source("train"), path, features="digits", progress=False)
-    return path
-
-
-def digits_floor(reference=None):
-    """What real digits score: FD and class accuracy of the held-out split against the train-split reference, the
-    floor to read every generator's number against."""
-    from .evaluator import evaluate
-
-    result = evaluate(digits_source("heldout"), reference or digits_reference(), features="digits", progress=False)
-    return {"fid": result["fid"], "class_accuracy": result["class_accuracy"], "num_samples": result["num_samples"]}

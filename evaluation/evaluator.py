@@ -12,12 +12,15 @@ import os
 import numpy as np
 import torch
 
-from .features import SFID_DIM, build_features, file_sha256, network_layers
+from utils.errors import ConfigError
+
+from .features import build_features, network_layers
 from .fid import fid_from_stats
+from .inception import SFID_DIM
 from .inputs import ImageSource, open_source
+from .network import file_sha256
 from .scores import inception_score, precision_recall
 from .stats import FeatureStats, load_reference, save_reference
-from utils.errors import ConfigError
 
 
 def compute_statistics(extractor, batches, total=None, keep=(), progress=True, desc=None, spatial=None):
@@ -178,7 +181,7 @@ def _sample_labels(sources, num_samples):
 
 def evaluate(samples, reference, *, isc=False, prc=False, sfid=False, ref_images=None, num_samples=None,
              inception_weights=None, device=None, batch_size=64, isc_splits=10, download=True, progress=True,
-             features="inception", weights=None):
+             features="inception", weights=None, trust_pickle=False):
     """FID (and, on request, Inception Score `isc` / precision-recall `prc`, torch-fidelity's names, and sFID
     `sfid`) of samples against reference statistics, in the feature space of `features`.
 
@@ -190,7 +193,7 @@ def evaluate(samples, reference, *, isc=False, prc=False, sfid=False, ref_images
     """
     sources = _as_sources(samples)
     reference_path = os.path.abspath(os.fspath(reference))
-    ref = load_reference(reference_path)
+    ref = load_reference(reference_path, trust_pickle=trust_pickle)   # a .pt needing unpickling: only opted in
     if sfid and "mu_s" not in ref:
         raise ConfigError(f"sFID needs the reference's spatial statistics (mu_s, sigma_s), which {reference_path} "
                          f"lacks; use ADM's reference batch or rebuild it with `python -m evaluation ref ...`")

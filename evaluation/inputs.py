@@ -13,6 +13,7 @@ from math import prod
 import numpy as np
 import torch
 from utils.errors import ConfigError, MissingFile
+from utils.images import to_uint8
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -111,11 +112,6 @@ class ImageSource:
             yield from images[:limit].split(batch_size)
 
         return cls(name, images.shape[0], make_batches, labels)
-
-
-def to_uint8(x):
-    """[-1, 1] float images -> uint8, rounding to the nearest of the 256 levels."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def open_source(spec):

@@ -30,6 +30,9 @@ import numpy as np
 import yaml
 from utils.errors import ConfigError, MissingFile
 
+from .evaluator import evaluate
+from .real_digits import digits_reference
+
 # Folders a run keeps beside metrics.jsonl that never hold other runs; skipped while searching.
 _SKIP_DIRS = {"checkpoints", "samples", "wandb", "__pycache__", ".git"}
 METRICS = ("auto", "fid", "loss", "mse")
@@ -126,7 +129,6 @@ def score_final(run, features="digits", reference=None, num_samples=1000, weight
     import subprocess
 
     from utils.checkpoint import latest_checkpoint
-    from .evaluator import evaluate
     ckpt = latest_checkpoint(run.path / "checkpoints")
     if ckpt is None:
         raise MissingFile(f"{run.path} has no checkpoint to score; drop --score-final or train it first")
@@ -138,7 +140,6 @@ def score_final(run, features="digits", reference=None, num_samples=1000, weight
         subprocess.run([sys.executable, str(root / "sample.py"), f"ckpt={ckpt}", f"num_samples={num_samples}",
                         f"out={out}", *sample_args], check=True)
         if reference is None and features == "digits":
-            from .digits import digits_reference
             reference = digits_reference()
         if reference is None:
             raise ConfigError(f"--score-final with --features {features} needs --ref (reference statistics)")

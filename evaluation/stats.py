@@ -11,10 +11,12 @@ torch-fidelity's cached statistics (`*-stat-fid-2048.pt`, a dict of `mu`, `sigma
 """
 
 import os
+import pickle
 
 import numpy as np
 import torch
-from utils.errors import ConfigError
+from utils.errors import ConfigError, MissingFile
+from utils.files import atomic_write
 
 
 class FeatureStats:
@@ -107,9 +109,8 @@ def save_reference(path, mu, sigma, **extra):
     if not path.endswith(".npz"):
         path += ".npz"  # what np.savez would do anyway; load_reference goes by the suffix
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"  # np.savez appends .npz to names without it; write then rename
-    np.savez(tmp, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64), **extra)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, mu=np.asarray(mu, dtype=np.float64),
+                                            sigma=np.asarray(sigma, dtype=np.float64), **extra))
     return path
 
 
@@ -131,15 +132,53 @@ def _as_reference(mu, sigma, n=None, source="", spatial=None):
     return out
 
 
-def load_reference(path):
+# torch-fidelity's statistics cache pickles float numpy arrays (mu float32, sigma float64). These are all that
+# weights_only=True needs to read them: the array rebuild function (by its numpy 2 and numpy 1 names), ndarray and
+# the float dtypes. Object arrays stay refused (their dtype class is not on the list).
+def _numpy_float_globals():
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [(_reconstruct, "numpy._core.multiarray._reconstruct"), (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.float32)), type(np.dtype(np.float64))]
+
+
+def _load_torch_reference(path, trust_pickle):
+    """The object in a torch-fidelity cache file: tensors, containers and float numpy arrays only (weights_only=True),
+    or anything with trust_pickle (weights_only=False: runs the file's code)."""
+    if trust_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_numpy_float_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
+        raise ConfigError(
+            f"{path}: the reference statistics need unpickling beyond tensors and float numpy arrays, which could run "
+            f"code, so the file was not loaded ({reason}). If you made this file or trust its source, opt in with "
+            f"--trust-pickle (python -m evaluation) or load_reference(path, trust_pickle=True) / "
+            f"evaluate(..., trust_pickle=True); otherwise make the statistics again as an .npz with `python -m "
+            f"evaluation ref ...`") from None
+
+
+def load_reference(path, trust_pickle=False):
     """Read reference statistics -> {"mu": float64 (D,), "sigma": float64 (D, D)[, "n": int][, "mu_s", "sigma_s"]
     [, "feature_network", "feature_weights_sha256"]}.
 
     .npz: ADM's files and ours (keys `mu`, `sigma`; `n`, the sFID statistics `mu_s`, `sigma_s` and the network
-    that made them when present; files without `feature_network` hold Inception features).
-    .pt: torch-fidelity's cache: a statistics dict (`mu`, `sigma`) or a features tensor (N, D).
+    that made them when present; files without `feature_network` hold Inception features). Never unpickled.
+    .pt: torch-fidelity's cache: a statistics dict (`mu`, `sigma`) or a features tensor (N, D). Read with
+    torch.load(weights_only=True), allowing only float numpy arrays (what torch-fidelity stores); a file that needs
+    more unpickling is refused with a message naming the opt-in, trust_pickle=True (CLI: --trust-pickle), which
+    unpickles it fully and so runs whatever code it holds: only for a file you made or trust.
     """
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MissingFile(f"reference statistics {path} not found. Make them from real images with `python -m "
+                          f"evaluation ref <image folder | samples .npz> --out {path}` (or `--data NAME` for a "
+                          f"dataset; add --features digits|dinov2 to match the evaluation's), or download a published "
+                          f"file such as ADM's VIRTUAL_imagenet256_labeled.npz for Inception FID on ImageNet 256")
     if path.endswith(".npz"):
         with np.load(path) as f:
             if "mu" not in f or "sigma" not in f:
@@ -152,9 +191,7 @@ def load_reference(path):
                     out[key] = str(f[key])
             return out
     if path.endswith(".pt") or path.endswith(".pth"):
-        # torch-fidelity pickles numpy arrays in its cache, so weights_only=False, as torch-fidelity itself
-        # loads them: only read cache files you made or trust.
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = _load_torch_reference(path, trust_pickle)
         if isinstance(obj, dict) and "mu" in obj and "sigma" in obj:
             return _as_reference(obj["mu"], obj["sigma"], obj.get("n"), path)
         if torch.is_tensor(obj) and obj.ndim == 2:

@@ -2,6 +2,7 @@
 
 from .dit import BLOCK_TYPES, DIT_SIZES, DiT, DiT_models, LightningDiT_models
 from .flops import count_params, forward_gflops, model_stats
+from .mup import optimizer_params, param_groups, parametrize
 from .unet import UNet_models
 from .vae import VAE, build_vae
 from utils.errors import ConfigError
@@ -11,7 +12,8 @@ from utils.errors import ConfigError
 MODELS = {**DiT_models, **LightningDiT_models, **UNet_models}
 
 __all__ = ["BLOCK_TYPES", "DIT_SIZES", "DiT", "DiT_models", "LightningDiT_models", "MODELS", "UNet_models", "count_params",
-           "VAE", "build_vae", "create_model", "forward_gflops", "model_stats"]
+           "VAE", "build_model", "build_vae", "create_model", "forward_gflops", "model_stats",
+           "optimizer_params", "param_groups"]
 
 
 def create_model(name, **kwargs):
@@ -19,3 +21,12 @@ def create_model(name, **kwargs):
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     return MODELS[name](**kwargs)
+
+
+def build_model(model_args):
+    """Rebuild a network from the arguments a checkpoint records (`model_args`: its name, the constructor's keyword
+    arguments, its parametrization `param` (sp | mup, models/mup.py) and `base_width` and, for latent models, `vae`,
+    which is not the network's). Checkpoints without `param` are sp."""
+    kwargs = {k: v for k, v in model_args.items() if k not in ("vae", "param", "base_width")}
+    return parametrize(create_model(kwargs.pop("name"), **kwargs), model_args.get("param", "sp"),
+                       model_args.get("base_width"))

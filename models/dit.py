@@ -300,9 +300,11 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x, c):
+    def forward(self, x, c, readout_scale=1.0):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        x = modulate(self.norm_final(x), shift, scale)
+        # muP's output multiplier on the readout's input (models/mup.py); 1.0 (SP) leaves the official computation.
+        return self.linear(x if readout_scale == 1.0 else x * readout_scale)
 
 
 #################################################################################
@@ -383,6 +385,7 @@ class DiT(nn.Module):
             make_block = lambda: Block(hidden_size, num_heads, mlp_ratio, qkv_bias=True, act_layer=approx_gelu)
         self.blocks = nn.ModuleList([make_block() for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=norm)
+        self.readout_scale = 1.0   # a plain float: muP's output multiplier base_width / width (models/mup.py)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -449,7 +452,7 @@ class DiT(nn.Module):
             rope = self.feat_rope() if self.feat_rope is not None else None   # (cos, sin), each (T, D/h)
             for block in self.blocks:
                 x = block(x, c, rope)                           # (N, T, D)
-        x = self.final_layer(x, c)               # (N, T, p^2 * C_out)
+        x = self.final_layer(x, c, self.readout_scale)   # (N, T, p^2 * C_out)
         return self.unpatchify(x)                # (N, C_out, H, W)
 
 

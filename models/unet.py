@@ -161,6 +161,9 @@ class UNet(nn.Module):
         for module in self.unet.modules():
             if isinstance(module, ResnetBlock2D):
                 module.dropout.p = dropout
+        # A plain float: muP's output multiplier base_width / width on conv_out's input (models/mup.py); 1.0 = SP.
+        self.readout_scale = 1.0
+        self.unet.conv_out.register_forward_pre_hook(self._scale_readout_input)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -185,6 +188,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.unet.conv_out.weight)
         nn.init.zeros_(self.unet.conv_out.bias)
 
+    def _scale_readout_input(self, conv_out, args):
+        """Forward pre-hook of unet.conv_out: multiply its input by readout_scale (a bound method, so a deepcopy
+        (EMA) hooks the copy's own scale); nothing changes at 1.0."""
+        return None if self.readout_scale == 1.0 else (args[0] * self.readout_scale, *args[1:])
+
     def forward(self, x, t, y=None):
         """
         x: (N, C, H, W) images or latents; t: (N,) timesteps, int or float; y: (N,) class ids, or None for
@@ -208,7 +216,7 @@ class UNet(nn.Module):
 # the same layout: ADM's blocks on improved DDPM's 32x32 U-Net (Nichol & Dhariwal 2102.09672, CIFAR-10:
 # widths x(1, 2, 2, 2) at 32, 16, 8, 4), attention at every level below full resolution (as in LDM-4 and
 # ADM's 64x64 model) and four residual blocks per level; only the width grows. With this layout the
-# parameter counts also land near DiT's (the README has the table; tests/test_unet.py checks it):
+# parameter counts also land near DiT's (docs/models.md has the table; tests/test_unet.py checks it):
 #   UNet-S   41.1M   6.46 Gflops  (DiT-S/2   33.0M   6.06: +6.7%)
 #   UNet-B  163.5M  25.34 Gflops  (DiT-B/2  130.5M  23.01: +10.1%)
 #   UNet-L  548.1M  84.39 Gflops  (DiT-L/2  458.1M  80.70: +4.6%)

@@ -17,9 +17,11 @@ training step: its latents are the data, and low-precision encoding would change
 Loading weights is the only I/O here; a missing VAE on an offline machine stops with the command that fetches it.
 """
 
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL
@@ -85,6 +87,37 @@ class VAE(nn.Module):
         as_tensor = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
         self.channel_mean, self.channel_std = as_tensor(mean), as_tensor(std)
         return self
+
+    def record(self, path=None, subfolder=None):
+        """What a checkpoint keeps to rebuild this VAE for decoding: its identity, the local folder it came from (a
+        hint), the scaling factor and the normalisation statistics, if any."""
+        record = dict(id=self.identifier, path=path, subfolder=subfolder, scaling_factor=self.scaling_factor)
+        if self.channel_mean is not None:   # trained on normalised latents: decoding undoes the normalisation
+            record.update(channel_mean=self.channel_mean.flatten().tolist(), channel_std=self.channel_std.flatten().tolist())
+        return record
+
+    def latent_shape(self, image_channels, image_size):
+        """(C, h, w) of the latents of (image_channels, image_size, image_size) images; a mismatch is refused."""
+        if image_channels != self.image_channels:
+            raise ConfigError(f"the VAE {self.identifier} encodes {self.image_channels}-channel images but the data "
+                              f"have {image_channels} channel(s); use vae=none for this data")
+        if image_size % self.downsample:
+            raise ConfigError(f"data.image_size={image_size} is not divisible by the VAE's downsampling factor "
+                              f"{self.downsample}; choose a multiple of {self.downsample}")
+        return self.latent_channels, image_size // self.downsample, image_size // self.downsample
+
+    def measure_channel_stats(self, dataset, count, device):
+        """(mean, std) per channel of the scaled latents, exact from the posterior moments of `count` images spread
+        evenly over `dataset` (items (x, y, ...)), each also mirrored."""
+        count = min(count, len(dataset))
+        if count < 1:
+            raise ConfigError("vae.normalize=true measures the latents on vae.stats_images images; set it to 1 or more")
+        indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
+        sums = []
+        for chunk in np.array_split(indices, math.ceil(count / 32)):
+            x = torch.stack([dataset[int(i)][0] for i in chunk]).to(device)
+            sums.append(moment_sums(self.encode_moments(torch.cat([x, x.flip(-1)]))))
+        return channel_stats(sums, self.scaling_factor)
 
     @classmethod
     def from_pretrained(cls, id_or_path, subfolder=None, local_files_only=False, scaling_factor=None,

@@ -1,5 +1,8 @@
-"""Shared fixtures: compose the real Hydra config and shrink it for CPU tests."""
+"""Shared fixtures and helpers: compose the real Hydra config and shrink it for CPU tests, run scripts, compare
+checkpoints and tensors, read metrics, load the reference scripts, build tiny models and write image folders."""
 
+import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -63,3 +66,71 @@ def assert_same_state(a, b):
     for i, state in a["opt"]["state"].items():
         for name, value in state.items():
             assert torch.equal(value, b["opt"]["state"][i][name]), f"opt state {i}.{name} differs"
+
+
+def read_run_metrics(run_dir):
+    """The rows of a run folder's metrics.jsonl, through the codebase's one reader (utils.logger.read_metrics)."""
+    from utils.logger import read_metrics
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
+
+
+def rel_err(actual, expected):
+    """max |actual - expected| / max |expected|, in float64 (elementwise relative error is meaningless where a value
+    is near zero); the shapes must agree."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+@functools.lru_cache(maxsize=None)
+def load_reference_script(name):
+    """tests/reference/<name>.py as a module (loaded once): its inputs, configurations and model functions are the
+    single definition both the recording of a reference file and the tests comparing against it use."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "reference" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_dit(**kwargs):
+    """A CPU-sized DiT on 4x8x8 latents with 10 classes, for behaviour tests; kwargs override its arguments."""
+    from models import DiT
+    config = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    return DiT(**{**config, **kwargs})
+
+
+def tiny_digits_dit(**kwargs):
+    """A one-block DiT of width 32 on the digits' 1x8x8 images with 10 classes; kwargs override its arguments."""
+    from models import DiT
+    config = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    return DiT(**{**config, **kwargs})
+
+
+def tiny_unet(**kwargs):
+    """UNet-T on 8x8 single-channel input with 10 classes (the digits)."""
+    from models import create_model
+    return create_model("UNet-T", **{"input_size": 8, "in_channels": 1, "num_classes": 10, **kwargs})
+
+
+def tiny_ldm(**kwargs):
+    """A two-level LDM-style (cross-attention conditioned) U-Net on 8x8 single-channel input."""
+    from models.unet import UNet
+    config = dict(input_size=8, in_channels=1, num_classes=10, model_channels=32, channel_mult=(1, 2),
+                  attention_levels=(1,), head_channels=None, resblock_updown=False, conditioning="cross-attn",
+                  context_dim=32)
+    return UNet(**{**config, **kwargs})
+
+
+def image_folder(root, classes=2, per_class=2, size=12, image=None):
+    """An image folder as data=imagefolder reads it: one sub-folder per class (class0, class1, ...) of PNGs named
+    0.png, 1.png, ...; `image(c, i)` gives image i of class c (uint8, HxWx3), by default a flat size x (size + 4)
+    image of level 40 * (c + i)."""
+    import numpy as np
+    from PIL import Image
+    root = Path(root)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = image(c, i) if image else np.full((size, size + 4, 3), 40 * (c + i), np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root

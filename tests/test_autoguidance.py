@@ -8,10 +8,9 @@ import torch
 
 import sample as sample_script
 import train as train_script
-from conftest import TINY, compose_config
-from diffusion.guidance import autoguidance, classifier_free_guidance
+from conftest import TINY, compose_config, tiny_digits_dit
+from diffusion.guidance import autoguidance
 from diffusion.sampling import sample
-from models import DiT
 from utils.errors import ConfigError
 
 
@@ -56,8 +55,7 @@ def test_the_interval_and_channels_compose_with_autoguidance():
 
 def small(seed, learn_sigma):
     torch.manual_seed(seed)
-    model = DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
-                learn_sigma=learn_sigma).eval()
+    model = tiny_digits_dit(patch_size=4, learn_sigma=learn_sigma).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)   # not the zero-initialised output

@@ -28,6 +28,7 @@ from evaluation import (
 )
 from evaluation.__main__ import main as cli
 from evaluation.features import INCEPTION_FILENAME, INCEPTION_URL, as_rgb_uint8
+from utils.errors import MissingFile
 
 
 def random_covariance(rng, d, rank=None):
@@ -117,17 +118,33 @@ def test_merged_shard_statistics_equal_one_pass():
     np.testing.assert_allclose(rebuilt.covariance(), one_pass.covariance(), rtol=1e-9, atol=1e-13)
 
 
-def test_all_reduce_single_process_group(tmp_path):
+def _all_reduce_rank(rank, store, shards, out):
+    """One of two gloo processes: its own shard's statistics, summed over both ranks, saved for the parent."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    torch.set_num_threads(1)  # a forked child keeps no thread pool of the parent's (as DataLoader workers do)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(shards))
     try:
-        f = torch.rand(10, 8)
-        stats = FeatureStats(8).update(f).all_reduce()
-        assert stats.count == 10
-        np.testing.assert_allclose(stats.mean(), f.double().mean(0).numpy(), rtol=1e-12)
+        stats = FeatureStats(shards[rank].shape[1]).update(shards[rank]).all_reduce()
+        np.savez(f"{out}{rank}.npz", n=stats.count, mu=stats.mean(), sigma=stats.covariance())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_all_reduce_over_two_processes_gives_the_statistics_of_all_features(tmp_path):
+    """Two gloo processes holding uneven shards (3 and 7 features) both end with the count, mean and covariance
+    of all 10, as numpy computes them from the whole set in float64. Forked, so no child imports anything again."""
+    import torch.multiprocessing as mp
+
+    f = torch.from_numpy(np.random.default_rng(5).random((10, 8)).astype(np.float32))
+    mp.start_processes(_all_reduce_rank, args=(tmp_path / "store", list(f.split([3, 7])), tmp_path / "rank"),
+                       nprocs=2, start_method="fork")
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        assert got["n"] == 10
+        np.testing.assert_allclose(got["mu"], f.double().mean(0).numpy(), rtol=1e-12)
+        np.testing.assert_allclose(got["sigma"], np.cov(f.double().numpy(), rowvar=False), rtol=1e-10, atol=1e-14)
 
 
 def test_reference_files_roundtrip(tmp_path):
@@ -159,6 +176,18 @@ def test_reference_files_roundtrip(tmp_path):
     with pytest.raises(KeyError, match="mu"):
         np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
         load_reference(tmp_path / "samples.npz")
+
+
+def test_a_missing_reference_is_one_message_naming_the_file_and_how_to_make_one(tmp_path, capsys):
+    missing = tmp_path / "missing.npz"
+    with pytest.raises(MissingFile, match="python -m evaluation ref"):     # also a FileNotFoundError
+        load_reference(missing)
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit) as e:       # `python -m evaluation fid samples.npz --ref missing.npz`
+        cli(["fid", str(tmp_path / "samples.npz"), "--ref", str(missing), "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.startswith(f"error: reference statistics {missing} not found") and "--out" in err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,6 +253,21 @@ def test_dataset_source_converts_to_uint8():
     expected = ((TinyDataset().x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     assert out.dtype == torch.uint8 and torch.equal(out, expected)
     assert out.min() == 0 and out.max() == 255
+
+
+def test_one_to_uint8_rounds_to_the_nearest_level_as_the_official_dit_does():
+    import evaluation.inputs
+    from utils.images import to_uint8
+    assert evaluation.to_uint8 is to_uint8 and evaluation.inputs.to_uint8 is to_uint8    # one copy
+    levels = torch.arange(256, dtype=torch.float64)
+    offsets = torch.tensor([-0.45, -0.2, 0.0, 0.2, 0.45], dtype=torch.float64)
+    x = ((levels[:, None] + offsets) / 127.5 - 1).float()                   # (256, 5): around every level
+    expected = levels[:, None].expand(-1, 5).to(torch.uint8)
+    assert torch.equal(to_uint8(x), expected)
+    assert torch.equal(torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8), expected)   # DiT's sample_ddp.py
+    adm = ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)                  # ADM's image_sample.py truncates:
+    assert torch.equal(adm[1:, :2], expected[1:, :2] - 1)                   # a level lower just below a level
+    assert to_uint8(torch.tensor([-1.5, 1.5])).tolist() == [0, 255]
 
 
 def test_read_sidecar(tmp_path):

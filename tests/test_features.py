@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import evaluation
-from conftest import TINY, compose_config, run_script
+from conftest import TINY, compose_config, read_run_metrics, run_script
 from evaluation import FIDScorer, build_reference, digits_floor, digits_reference, digits_source, evaluate
 from evaluation.digits import (DigitsFeatures, digits_split, held_out_accuracy, load_digits_net, state_sha256,
                                train_digits_net)
-from evaluation.fid import frechet_distance
 from evaluation.inputs import ImageSource
 
 
@@ -123,7 +122,7 @@ def test_in_loop_fid_on_the_default_config(tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_CACHE", str(tmp_path / "cache"))
     train_script.train(compose_config(overrides=[*TINY, f"run_dir={tmp_path}/run", "fid.every=2",
                                                  "fid.num_samples=20", "fid.batch_size=10"]))
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_run_metrics(tmp_path / "run")
     scored = [r for r in rows if "fid" in r]
     assert [r["step"] for r in scored] == [2, 4]
     for row in scored:
@@ -150,31 +149,59 @@ def dino_weights(tmp_path_factory):
     return path
 
 
-def test_fd_dinov2_equals_a_float64_reference(dino_weights):
+def test_fd_dinov2_equals_a_float64_reference(dino_weights, tmp_path):
+    """FD-DINOv2 as the code computes it (DINOv2Features -> FeatureStats -> frechet_distance) against a float64
+    reference built apart from it: timm's ViT made here from the weights file with the position grid resampled by
+    hand, EDM2's preprocessing written out, and the distance by scipy from the centred features alone, through
+    tr((S1 S2)^1/2) = nuclear norm of A1 A2^T / sqrt((n1 - 1)(n2 - 1)) for S = A^T A / (n - 1)."""
+    import scipy.linalg
     import timm
-    from evaluation.dinov2 import DINOv2Features, build_dinov2
+    import torch.nn.functional as F
+    from timm.models.vision_transformer import VisionTransformer
+
+    from evaluation import FeatureStats, fid_from_stats
+    from evaluation.dinov2 import DINOv2Features
+    # timm initialises the layer scales to 1e-5, which leaves the CLS feature all but blind to the image (spread
+    # 2e-5 over images): at 1 every block counts, so a wrong resize, normalisation or position grid shows.
+    weights = {k: torch.ones_like(v) if k.endswith(".gamma") else v
+               for k, v in torch.load(dino_weights, weights_only=True).items()}
+    torch.save(weights, tmp_path / "dinov2_layer_scale_1.pth")
+    dino_weights = tmp_path / "dinov2_layer_scale_1.pth"
     g = torch.Generator().manual_seed(1)
     a = torch.randint(0, 256, (6, 3, 40, 40), generator=g, dtype=torch.uint8)
     b = torch.randint(0, 256, (6, 3, 40, 40), generator=g, dtype=torch.uint8)
     features = DINOv2Features(dino_weights, device="cpu", batch_size=4, model_name=DINO_SMALL)
+    assert isinstance(features.model, VisionTransformer)   # timm's network, not a hand-written ViT
     fa, fb = features(a)["cls"], features(b)["cls"]
     assert fa.shape == (6, 384)
+    ours = fid_from_stats(FeatureStats(384).update(fa).reference(), FeatureStats(384).update(fb).reference())
 
-    model = build_dinov2(dino_weights, DINO_SMALL).double()     # the same network, every step in float64
+    # The reference network: the file's 37x37 position grid resampled to 224 px's 16x16 (bicubic, antialiased),
+    # every weight and step in float64.
+    state = {k: v.double() for k, v in torch.load(dino_weights, weights_only=True).items()}
+    grid = state["pos_embed"][:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(16, 16), mode="bicubic", antialias=True).flatten(2).transpose(1, 2)
+    state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], grid], 1)
+    model = timm.create_model(DINO_SMALL, pretrained=False, num_classes=0, img_size=224).double().eval()
+    model.load_state_dict(state, strict=True)
 
-    def reference_features(x):
-        x = torch.nn.functional.interpolate(x.double(), size=(224, 224), mode="bicubic", antialias=True) / 255
+    def reference_features(x):   # EDM2: bicubic antialiased resize of 0..255 values to 224, /255, ImageNet mean/std
+        x = F.interpolate(x.double(), size=(224, 224), mode="bicubic", antialias=True) / 255
         mean = torch.tensor((0.485, 0.456, 0.406), dtype=torch.float64).view(1, 3, 1, 1)
         std = torch.tensor((0.229, 0.224, 0.225), dtype=torch.float64).view(1, 3, 1, 1)
         with torch.no_grad():
-            return model.forward_features((x - mean) / std)[:, 0]
+            return model.forward_features((x - mean) / std)[:, 0].numpy()
+
+    def frechet(f1, f2):
+        a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
+        n1, n2 = len(f1) - 1, len(f2) - 1
+        tr_sqrt = scipy.linalg.svdvals(a1 @ a2.T).sum() / np.sqrt(n1 * n2)
+        return ((f1.mean(0) - f2.mean(0)) ** 2).sum() + (a1 ** 2).sum() / n1 + (a2 ** 2).sum() / n2 - 2 * tr_sqrt
+
     ra, rb = reference_features(a), reference_features(b)
-    torch.testing.assert_close(fa.double(), ra, rtol=1e-4, atol=1e-4)
-    stats = lambda f: (f.double().mean(0).numpy(), np.cov(f.double().numpy(), rowvar=False))
-    ours = frechet_distance(*stats(fa), *stats(fb))
-    expected = frechet_distance(*stats(ra), *stats(rb))
-    assert ours == pytest.approx(expected, rel=1e-3)
-    assert timm.create_model  # the network came from timm, not from a hand-written ViT
+    np.testing.assert_allclose(fa.double().numpy(), ra, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fb.double().numpy(), rb, rtol=1e-4, atol=1e-4)
+    assert ours == pytest.approx(frechet(ra, rb), rel=1e-3)
 
 
 def test_missing_dinov2_weights_name_the_file_and_the_setting(tmp_path):

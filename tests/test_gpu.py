@@ -1,16 +1,17 @@
 """GPU-only checks: bf16 and TF32 on CUDA, flash attention kernels, compiled blocks, FSDP over NCCL.
 
 Skipped without a CUDA device (CI has none); on a GPU machine: python -m pytest -q -m gpu tests/test_gpu.py
+(add -m "gpu and (slow or not slow)" for the slow ones). The GPU check (benchmarks/gpu_check.sh) runs the quick ones;
+compile, FSDP against DDP and throughput have stages of their own there.
 """
 
 import copy
-import json
 
 import pytest
 import torch
 
 from diffusion import create_diffusion
-from models import DiT, DiT_models
+from models import DiT_models
 from utils.parallel import compile_blocks
 
 pytestmark = [pytest.mark.gpu,
@@ -120,7 +121,7 @@ def test_fused_adamw_matches_the_loop_implementation():
 @pytest.mark.slow
 def test_fsdp_over_nccl_matches_single_gpu_training(tmp_path):
     """One GPU under torchrun with train.parallel=fsdp (NCCL, bf16 parameters) lands close to plain training."""
-    from conftest import run_script
+    from conftest import read_run_metrics, run_script
     from utils.checkpoint import latest_checkpoint, load_checkpoint
 
     common = ["logger=none", "device=cuda", "precision=bf16", "train.batch_size=32", "train.steps=4",
@@ -135,8 +136,7 @@ def test_fsdp_over_nccl_matches_single_gpu_training(tmp_path):
     assert all(v.dtype == torch.float32 for v in fsdp["model"].values())         # fp32 master weights
     # Same initial weights, data and noise: bf16 parameters (FSDP) vs fp32 parameters under autocast give the
     # same losses up to bf16 rounding.
-    losses = [[row["loss"] for row in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
-               if "loss" in row] for run in ("fsdp", "single")]
+    losses = [[row["loss"] for row in read_run_metrics(tmp_path / run) if "loss" in row] for run in ("fsdp", "single")]
     assert len(losses[0]) == len(losses[1]) == 4
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=0.05, atol=0)
 

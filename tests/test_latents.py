@@ -15,11 +15,11 @@ from PIL import Image
 import extract_latents
 import sample as sample_script
 import train as train_script
-from conftest import TINY, assert_same_state, compose_config, final_state, run_script
+from conftest import TINY, assert_same_state, compose_config, final_state, image_folder, read_run_metrics, run_script
 from data import ImageFolderDataset, LatentCacheDataset, build_dataset, center_crop_arr, check_cache, read_manifest
+from data.batches import apply_flips, step_generator
 from data.latents import shard_path, write_manifest
 from models import DiT_models, VAE, build_vae
-from utils.checkpoint import latest_checkpoint, load_checkpoint
 
 IMAGE_SIZE, LATENT_SIZE, SCALING = 16, 8, 0.5   # the tiny VAE halves once; its config's scaling factor is 0.5
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
@@ -43,12 +43,8 @@ def save_tiny_vae(folder, seed):
 def make_image_folder(root, classes=2, per_class=3):
     """Random RGB images of a few non-square sizes, one sub-folder per class."""
     rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            shape = (20 + 4 * i, 24 - 2 * c, 3)
-            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
+    return image_folder(root, classes, per_class,
+                        image=lambda c, i: rng.integers(0, 256, (20 + 4 * i, 24 - 2 * c, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -193,10 +189,10 @@ def test_posterior_samples_and_flips_have_the_right_statistics(files):
     vae = VAE.from_pretrained(files["vae"])
     moments = dataset[0][0]                                                 # (2, 2C, h, w)
     n = 4000
-    gen = train_script.step_generator(0, 0, torch.device("cpu"))
+    gen = step_generator(0, 0, torch.device("cpu"))
     flip = torch.rand(n, generator=gen) < 0.5
     eps = torch.randn(n, 4, LATENT_SIZE, LATENT_SIZE, generator=gen)
-    z = vae.latents(train_script.apply_flips(moments.expand(n, -1, -1, -1, -1), flip, cached=True), eps)
+    z = vae.latents(apply_flips(moments.expand(n, -1, -1, -1, -1), flip, cached=True), eps)
     assert abs(flip.float().mean() - 0.5) < 0.05
     for f in (0, 1):
         mean, logvar = moments[f].chunk(2)
@@ -296,6 +292,7 @@ def test_sampling_an_official_latent_checkpoint_with_a_vae_override(files, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_extraction_under_torchrun_matches_one_process(files, tmp_path):
     run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "extract_latents.py",
                 *extract_overrides(files["vae"], files["images"], tmp_path / "ddp"), "shard_size=2"],
@@ -451,8 +448,8 @@ def test_repa_from_stored_features_trains_as_repa_on_the_fly(files, repa_cache, 
     with pytest.warns(UserWarning, match="16x16 token grid and the network 4x4"):
         train_script.train(compose_config(overrides=cached))      # no encoder loaded: no weights given
     train_script.train(compose_config(overrides=on_the_fly))
-    rows = lambda run: [json.loads(r) for r in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-    for a, b in zip(rows("cached"), rows("fly")):   # the same targets up to their float16 storage
+    # The same targets up to their float16 storage.
+    for a, b in zip(read_run_metrics(tmp_path / "cached"), read_run_metrics(tmp_path / "fly")):
         assert a["repa_loss"] == pytest.approx(b["repa_loss"], rel=1e-3)
         assert a["objective_loss"] == pytest.approx(b["objective_loss"], rel=1e-4)
     a, b = final_state(tmp_path / "cached"), final_state(tmp_path / "fly")

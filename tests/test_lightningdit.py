@@ -11,22 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_reference_script, tiny_dit
 from models import DiT, LightningDiT_models, create_model, forward_gflops, model_stats
 from models.dit import RMSNorm, SwiGLU, apply_rope, make_mlp, rope_tables
 from utils.errors import ConfigError
 
 REFERENCE = Path(__file__).parent / "data" / "lightningdit_reference.pt"
-sys_path_reference = Path(__file__).parent / "reference"
-
-
-def reference_module():
-    import sys
-    sys.path.insert(0, str(sys_path_reference))
-    try:
-        import make_lightningdit_reference
-    finally:
-        sys.path.remove(str(sys_path_reference))
-    return make_lightningdit_reference
+gen = load_reference_script("make_lightningdit_reference")
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +30,10 @@ def test_reference_covers_every_option(reference):
     assert options == {"norm", "mlp", "rope", "qk_norm", "wo_shift"}
 
 
-@pytest.mark.parametrize("name", list(reference_module().CONFIGS))
+@pytest.mark.parametrize("name", list(gen.CONFIGS))
 def test_outputs_equal_the_official_lightningdit(name, reference):
-    ref = reference_module()
     stored = reference["configs"][name]
-    ours = ref.ours_for(stored["options"])
+    ours = gen.ours_for(stored["options"])
     state = ours.state_dict()
     # The same weights as when the reference was made (the seeded fill is reproducible), and bit-equal tables.
     checksum = float(sum(v.double().sum() for k, v in state.items() if k not in stored["tables"]))
@@ -65,8 +55,7 @@ def test_xl1_has_the_official_key_names_and_shapes(reference):
 @pytest.mark.skipif(not os.environ.get("LIGHTNINGDIT_OFFICIAL_PATH"),
                     reason="set LIGHTNINGDIT_OFFICIAL_PATH to a hustvl/LightningDiT checkout (needs einops)")
 def test_live_official_code_gives_the_stored_reference(reference):
-    ref = reference_module()
-    live = ref.make_reference(ref.load_official(os.environ["LIGHTNINGDIT_OFFICIAL_PATH"]))
+    live = gen.make_reference(gen.load_official(os.environ["LIGHTNINGDIT_OFFICIAL_PATH"]))
     for name, stored in reference["configs"].items():
         torch.testing.assert_close(live["configs"][name]["output"], stored["output"], rtol=0, atol=0)
 
@@ -126,9 +115,8 @@ def test_rope_is_returned_in_the_input_dtype():
 @pytest.mark.parametrize("block_type", ["adaLN-Zero", "adaLN"])
 def test_blocks_with_every_option_start_as_the_identity_and_the_model_as_zero(block_type):
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10,
-                learn_sigma=False, block_type=block_type, norm="rmsnorm", mlp="swiglu", rope=True, qk_norm=True,
-                wo_shift=True)
+    model = tiny_dit(learn_sigma=False, block_type=block_type, norm="rmsnorm", mlp="swiglu", rope=True, qk_norm=True,
+                     wo_shift=True)
     x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
     rope = model.feat_rope()
     with torch.no_grad():
@@ -140,10 +128,9 @@ def test_blocks_with_every_option_start_as_the_identity_and_the_model_as_zero(bl
 
 
 def test_options_change_the_model_and_rope_changes_the_output():
-    ref = reference_module()
-    x, t, y = ref.inputs()
+    x, t, y = gen.inputs()
     with torch.no_grad():
-        plain, rope = ref.ours_for({})(x, t, y), ref.ours_for({"rope": True})(x, t, y)
+        plain, rope = gen.ours_for({})(x, t, y), gen.ours_for({"rope": True})(x, t, y)
     assert not torch.allclose(plain, rope)
 
 

@@ -5,7 +5,8 @@ import functools
 import pytest
 import torch
 
-from models import BLOCK_TYPES, DiT, DiT_models, model_stats
+from conftest import tiny_digits_dit, tiny_dit
+from models import BLOCK_TYPES, DiT_models, model_stats
 
 PAPER_SIZES = [f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
 
@@ -19,12 +20,6 @@ PAPER_GFLOPS = {
 PAPER_PARAMS_M = {"S": 33, "B": 130, "L": 458, "XL": 675}
 # Paper Sec. 4 / Fig. 3: the block-design study, DiT-XL/2 Gflops per conditioning mechanism.
 PAPER_BLOCK_GFLOPS = {"adaLN-Zero": 118.64, "adaLN": 118.56, "cross-attn": 137.62, "in-context": 119.37}
-
-
-def tiny_dit(**kwargs):
-    """A CPU-sized DiT for behaviour tests."""
-    config = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
-    return DiT(**{**config, **kwargs})
 
 
 def randomise_(module, seed=0):
@@ -204,8 +199,7 @@ def test_any_channel_count(channels):
 
 
 def test_pixel_space_1x8x8():
-    model = randomise_(DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
-                           num_classes=10))
+    model = randomise_(tiny_digits_dit())
     x, t, y = inputs(5, 1, 8, 8)
     out = model(x, t, y)
     assert out.shape == (5, 2, 8, 8) and torch.isfinite(out).all()

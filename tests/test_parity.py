@@ -10,13 +10,13 @@ tables, so the errors observed are 0 or a few ulp.
 """
 
 import functools
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_reference_script, rel_err
 from diffusion import classifier_free_guidance, create_diffusion
 from models import DiT, DiT_models
 
@@ -25,17 +25,7 @@ REFERENCE_FILE = TESTS / "data" / "official_reference.pt"
 RTOL = 1e-5
 
 
-def _load_generator():
-    """tests/reference/make_official_reference.py as a module: its inputs, model function and configurations are
-    the single definition both the recording and these comparisons use."""
-    spec = importlib.util.spec_from_file_location("make_official_reference", TESTS / "reference" /
-                                                  "make_official_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
+gen = load_reference_script("make_official_reference")
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,13 +42,6 @@ def _reference(source):
 ])
 def reference(request):
     return _reference(request.param)
-
-
-def rel_err(actual, expected):
-    """max |actual - expected| / max |expected|, in float64."""
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
 def compare_tree(actual, expected, path=""):

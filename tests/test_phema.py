@@ -137,15 +137,32 @@ def test_snapshots_must_fall_on_step_boundaries(tmp_path):
 def test_the_sweep_scores_every_reconstruction_and_marks_the_best(tmp_path):
     import json
 
-    from utils.phema import main
+    from benchmarks.phema_sweep import main
     posthoc_run(tmp_path / "run")
-    main([str(tmp_path / "run"), "--sigma-rel", "0.05", "0.08", "--sweep", "--sample-args", "num_samples=20",
+    main([str(tmp_path / "run"), "--sigma-rel", "0.05", "0.08", "--sample-args", "num_samples=20",
           "batch_size=20", "steps=2", "device=cpu"])
     result = json.loads((tmp_path / "run" / "phema" / "phema_sweep.json").read_text())
     assert [r["sigma_rel"] for r in result["rows"]] == [0.05, 0.08]
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 and r["features"] == "digits" for r in result["rows"])
     assert result["best"]["fid"] == min(r["fid"] for r in result["rows"])
     assert (tmp_path / "run" / "phema" / "phema_sweep.png").stat().st_size > 0
+
+
+def test_the_reconstruction_command_points_a_sweep_to_its_new_home(tmp_path):
+    """utils/ imports nothing above it, so the sweep (sampling, scoring) is benchmarks/phema_sweep.py; --sweep on the
+    reconstruction command says so in one line and fails, before reading anything."""
+    from conftest import run_script
+    from utils.phema import main
+    with pytest.raises(ConfigError, match="python -m benchmarks.phema_sweep"):
+        main([str(tmp_path), "--sigma-rel", "0.05", "--sweep"])
+    result = run_script(["-m", "utils.phema", str(tmp_path), "--sigma-rel", "0.05", "--sweep", "--sample-args",
+                         "steps=2"], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("error: --sweep moved") and "python -m benchmarks.phema_sweep" in message
+    assert len(message.splitlines()) == 1
+    usage = run_script(["-m", "benchmarks.phema_sweep", "--help"])
+    assert "--sigma-rel" in usage.stdout and "--sample-args" in usage.stdout
 
 
 def test_a_third_ema_tracked_in_the_same_run_is_rebuilt_from_the_other_two(tmp_path):
@@ -172,6 +189,7 @@ def final_state_model(run_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_posthoc_snapshots_over_two_gloo_processes_match_one_process(tmp_path):
     import train as train_script
     from conftest import TINY, compose_config, run_script

@@ -7,9 +7,17 @@ import torch
 import torch.nn.functional as F
 
 import train as train_script
-from conftest import TINY, assert_same_state, compose_config, final_state
+from conftest import (
+    TINY,
+    assert_same_state,
+    compose_config,
+    final_state,
+    load_reference_script,
+    read_run_metrics,
+    tiny_digits_dit,
+)
 from diffusion.repa import REPA, alignment_loss, projector, resample_tokens
-from models import DiT, create_model
+from models import create_model
 from utils.errors import ConfigError, MissingFile
 
 REPA_RUN = [*TINY, "repa.encoder=digits", "repa.depth=2", "repa.projector_dim=64"]
@@ -29,10 +37,8 @@ def test_projector_and_alignment_loss_equal_the_official_repa():
     """Against tests/data/repa_reference.pt (tests/reference/make_repa_reference.py, from sihyun-yu/REPA's loss.py
     and models/sit.py; with REPA_OFFICIAL_PATH set, the official code is run live too)."""
     import os
-    import sys
     from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parent / "reference"))
-    import make_repa_reference as ref
+    ref = load_reference_script("make_repa_reference")
     stored = torch.load(Path(__file__).parent / "data" / "repa_reference.pt", weights_only=True)
     if os.environ.get("REPA_OFFICIAL_PATH"):
         stored = ref.make_reference(*ref.load_official(os.environ["REPA_OFFICIAL_PATH"]))
@@ -54,8 +60,7 @@ def test_projector_is_repas_mlp():
 
 def small_model():
     torch.manual_seed(0)
-    return DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3, num_heads=2, num_classes=10,
-               learn_sigma=False)
+    return tiny_digits_dit(depth=3, learn_sigma=False)
 
 
 def test_the_gradient_reaches_the_network_up_to_the_block_and_the_projector_never_the_encoder():
@@ -85,8 +90,7 @@ def test_repa_refuses_what_it_cannot_align():
     unet = create_model("UNet-T8", input_size=8, in_channels=1, num_classes=10, learn_sigma=False)
     with pytest.raises(ConfigError, match="has no blocks"):
         REPA(unet, "digits", depth=1)
-    in_context = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
-                     learn_sigma=False, block_type="in-context")
+    in_context = tiny_digits_dit(depth=2, learn_sigma=False, block_type="in-context")
     with pytest.raises(ConfigError, match="in-context"):
         REPA(in_context, "digits", depth=1)
     with pytest.raises(ConfigError, match="unknown repa.encoder"):
@@ -108,8 +112,7 @@ def test_token_grids_are_resampled_to_the_network_and_a_warning_says_so():
     torch.testing.assert_close(out, F.avg_pool2d(maps, 2).flatten(2).transpose(1, 2))
     assert resample_tokens(z, (8, 8)) is z
     assert resample_tokens(torch.randn(2, 4, 5), (4, 4)).shape == (2, 16, 5)   # 2x2 -> 4x4, bilinear
-    model = DiT(input_size=8, patch_size=1, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10,
-                learn_sigma=False)                # an 8x8 token grid, the digits encoder's is 4x4
+    model = tiny_digits_dit(patch_size=1, depth=2, learn_sigma=False)     # an 8x8 token grid, the digits encoder's is 4x4
     repa = REPA(model, "digits", depth=1, projector_dim=16)
     with pytest.warns(UserWarning, match="4x4 token grid and the network 8x8"):
         assert repa.encode(torch.zeros(2, 1, 8, 8)).shape == (2, 64, 128)
@@ -126,8 +129,7 @@ def test_training_with_repa_logs_its_loss_saves_the_projector_and_resumes_exactl
     assert_same_state(whole, split)
     for name, value in whole["repa"]["projector"].items():
         assert torch.equal(value, split["repa"]["projector"][name]), name
-    rows = [r for r in map(__import__("json").loads, (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r]
+    rows = [r for r in read_run_metrics(tmp_path / "whole") if "loss" in r]
     assert all(-1 <= r["repa_loss"] <= 1 and r["loss"] == pytest.approx(r["objective_loss"] + 0.5 * r["repa_loss"])
                for r in rows)
 
@@ -142,6 +144,7 @@ def test_resuming_with_another_repa_setting_is_refused(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.distributed
 def test_repa_over_two_gloo_processes_matches_one_process(parallel, tmp_path):
     from conftest import run_script
 
@@ -169,13 +172,11 @@ def test_compiled_blocks_keep_the_hook_and_match_eager(tmp_path):
 
 @pytest.mark.parametrize("extra", [["diffusion=ddpm"], ["precision=bf16"]])
 def test_repa_trains_with_ddpm_and_in_bf16_and_sample_py_needs_no_projector(extra, tmp_path):
-    import json
-
     import numpy as np
 
     import sample as sample_script
     train_script.train(compose_config(overrides=[*REPA_RUN, *extra, "train.steps=2", f"run_dir={tmp_path}/run"]))
-    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_run_metrics(tmp_path / "run")
     assert all(np.isfinite(r["repa_loss"]) and np.isfinite(r["objective_loss"]) for r in rows if "loss" in r)
     out = sample_script.run(compose_config("sample", [f"ckpt={tmp_path / 'run'}", "num_samples=2", "steps=2",
                                                       f"out={tmp_path}/s", "device=cpu"]))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, compose_config, run_script
+from conftest import ROOT, compose_config, read_run_metrics, run_script
 from evaluation import scaling
 
 
@@ -113,7 +113,7 @@ def test_collector_prefers_fid_and_recomputes_missing_compute(tmp_path):
     for model, gflops, fid in (("DiT-S/2", 6.06, 68.4), ("DiT-B/2", 23.01, 43.5), ("DiT-L/2", 80.7, 23.3)):
         folder = tmp_path / "runs" / model.replace("/", "-")
         write_run(folder, model, gflops, 256, [100, 200], [1.0, 0.9])
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        rows = read_run_metrics(folder)
         rows = [{k: v for k, v in r.items() if k != "train_compute_gflops"} for r in rows]
         rows.append({"step": 200, "fid": fid, "fid_samples": 5000})
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3')  # torn line
@@ -180,7 +180,7 @@ def test_multirun_on_cpu_then_collector(tmp_path):
         config = yaml.safe_load((run / "config.yaml").read_text())
         assert config["logger"]["group"] == "scaling-digits"
         assert config["logger"]["tags"][-1] == run.name.split("_")[0]
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = read_run_metrics(run)
         rows = [r for r in rows if "loss" in r]   # (the FD rows at the end come on top)
         assert [r["step"] for r in rows] == [1, 2]
         for r in rows:  # the compute accounting train.py logs: Gflops x 3 x batch x steps

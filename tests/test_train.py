@@ -18,7 +18,18 @@ from PIL import Image
 
 import sample as sample_script
 import train as train_script
-from conftest import CONF, PINNED, ROOT, TINY, assert_same_state, compose_config, final_state, run_script
+from conftest import (
+    CONF,
+    PINNED,
+    ROOT,
+    TINY,
+    assert_same_state,
+    compose_config,
+    final_state,
+    image_folder,
+    read_run_metrics,
+    run_script,
+)
 from models import MODELS
 from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_model_weights
 
@@ -90,7 +101,7 @@ def test_training_writes_checkpoint_metrics_grid_and_config(trained_run):
     assert {"model", "ema", "opt", "step", "config", "model_args", "rng"} <= set(ckpt)
     assert ckpt["step"] == 4 and ckpt["config"]["train"]["steps"] == 4
     assert ckpt["rng"]["samples_seen"] == 4 * 16
-    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_run_metrics(trained_run)
     final = rows.pop()  # the end of the run: the digits default scores its EMA on the digits network's features
     assert final["step"] == 4 and final["fid_features"] == "digits" and final["fid"] > final["fid_floor"] > 0
     assert 0 <= final["class_accuracy"] <= 1 and final["fid_samples"] == 50
@@ -132,6 +143,7 @@ def test_sample_noise_does_not_depend_on_batch_size(trained_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_sampling_under_torchrun_equals_one_process(trained_run, tmp_path):
     """Two ranks draw contiguous blocks of the same per-sample noise; rank 0 merges them in order."""
     common = [f"ckpt={trained_run}", "num_samples=7", "batch_size=3", "steps=3", "sampler=ddim", "device=cpu"]
@@ -150,7 +162,7 @@ def test_finished_run_extends_when_steps_are_raised(tmp_path):
     train_script.train(compose_config(overrides=overrides))
     train_script.train(compose_config(overrides=[*overrides, "train.steps=6"]))
     assert load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 6
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_run_metrics(tmp_path)
     assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
     assert [r["step"] for r in rows if "fid" in r] == [4, 6]  # each run's end
 
@@ -161,11 +173,11 @@ def test_flow_training_logs_its_terms_and_samples_with_a_flow_sampler(tmp_path):
     ckpt = final_state(run_dir)
     assert ckpt["config"]["diffusion"]["objective"] == "flow" and ckpt["model_args"]["learn_sigma"] is False
     assert ckpt["model"]["final_layer.linear.weight"].shape[0] == 2 * 2 * 1   # p^2 * C: no variance channels
-    row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in line][-1]
+    row = [r for r in read_run_metrics(run_dir) if "loss" in r][-1]
     assert np.isfinite(row["loss"]) and "vb" not in row and "mse" not in row
     out = sample_script.run(compose_config("sample", [f"ckpt={run_dir}", "num_samples=6", "steps=3",
                                                       "device=cpu", "cfg_scale=2", "guidance_low=0.5"]))
-    assert out.name == "ode-heun3-cfg2-seed0"  # sampler=auto picks the flow default
+    assert out.name.startswith("ode-heun3-cfg2-seed0-n6-step4-")  # sampler=auto picks the flow default
     provenance = json.loads((out / "samples.json").read_text())
     assert provenance["objective"] == "flow" and provenance["sampler"] == "ode" and provenance["guidance_low"] == 0.5
     assert np.load(out / "samples.npz")["arr_0"].shape == (6, 8, 8, 1)
@@ -177,12 +189,12 @@ def test_flow_training_logs_its_terms_and_samples_with_a_flow_sampler(tmp_path):
 
 
 def test_flow_with_the_cosine_loss_on_rgb_logs_both_terms(tmp_path):
-    folder = _image_folder(tmp_path / "imgs")
+    folder = image_folder(tmp_path / "imgs")
     run_dir = tmp_path / "cos"
     train_script.train(compose_config(overrides=[*TINY, "data=imagefolder", f"data.path={folder}", "data.image_size=8",
                                                  "data.num_workers=0", "train.batch_size=4", "diffusion=flow",
                                                  "diffusion.cosine_loss=true", f"run_dir={run_dir}"]))
-    row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in line][-1]
+    row = [r for r in read_run_metrics(run_dir) if "loss" in r][-1]
     assert row["loss"] == pytest.approx(row["mse"] + row["cos"], rel=1e-5) and 0 <= row["cos"] <= 2
 
 
@@ -227,7 +239,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, objective):
     (run_dir / "checkpoints" / ".0000099.pt.tmp123").write_bytes(b"partial")
     run_script(cmd[1:])
     assert_same_state(final_state(tmp_path / "ref"), final_state(run_dir))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_run_metrics(run_dir)
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, 13)), "metrics.jsonl must have each step exactly once after the resume"
 
@@ -244,7 +256,7 @@ def test_learning_rate_warms_up_holds_and_cools_down():
 def test_cooldown_is_logged_and_resumes_exactly(tmp_path):
     overrides = [*TINY, "train.steps=6", "train.log_every=1", "optim.warmup_steps=0", "optim.cooldown_fraction=0.67"]  # 4 of 6 steps
     train_script.train(compose_config(overrides=[*overrides, f"run_dir={tmp_path}/ref"]))
-    rows = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_run_metrics(tmp_path / "ref")
     base = compose_config(overrides=overrides).optim.lr
     assert [r["lr"] for r in rows if "loss" in r] == pytest.approx([base, base, base, 0.75 * base, 0.5 * base,
                                                                      0.25 * base])
@@ -261,6 +273,7 @@ def test_cooldown_is_logged_and_resumes_exactly(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
+@pytest.mark.distributed
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, objective):
     overrides = [*PINNED, f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=2", "train.batch_size=16", "train.log_every=1",
                  "train.ckpt_every=2", "sample.steps=2", "sample.per_class=1"]
@@ -277,16 +290,8 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, objective):
 # Clear errors
 # ------------------------------------------------------------------------------------------------------------
 
-def _image_folder(root, classes=2, per_class=2, size=12):
-    for c in range(classes):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(np.full((size, size + 4, 3), 40 * (c + i), np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
 def test_imagefolder_trains(tmp_path):
-    folder = _image_folder(tmp_path / "imgs")
+    folder = image_folder(tmp_path / "imgs")
     cfg = compose_config(overrides=[*TINY, "data=imagefolder", f"data.path={folder}", "data.image_size=8",
                                     "data.num_workers=0", "train.batch_size=4", f"run_dir={tmp_path}/run"])
     train_script.train(cfg)
@@ -295,7 +300,7 @@ def test_imagefolder_trains(tmp_path):
 
 
 def test_image_size_not_divisible_by_patch(tmp_path):
-    folder = _image_folder(tmp_path / "imgs")
+    folder = image_folder(tmp_path / "imgs")
     cfg = compose_config(overrides=[*TINY, "data=imagefolder", f"data.path={folder}", "data.image_size=6",
                                     "model=DiT-T-4", f"run_dir={tmp_path}/run"])
     with pytest.raises(ValueError, match="not divisible by the patch size 4"):
@@ -314,7 +319,7 @@ def test_missing_and_empty_data_folders(tmp_path):
 
 def test_unreadable_image_names_the_file(tmp_path):
     from data import ImageFolderDataset
-    folder = _image_folder(tmp_path / "imgs")
+    folder = image_folder(tmp_path / "imgs")
     broken = folder / "class1" / "broken.png"
     broken.write_bytes(b"not a png")
     dataset = ImageFolderDataset(folder, 8)
@@ -380,7 +385,7 @@ def test_fid_during_training(tmp_path):
     cfg = compose_config(overrides=[*TINY, f"run_dir={tmp_path}/run", "fid.every=2", "fid.num_samples=12",
                                     "fid.features=inception", f"fid.reference={reference}", f"fid.inception_weights={weights}"])
     train_script.train(cfg)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_run_metrics(tmp_path / "run")
     fids = [r for r in rows if "fid" in r]
     assert [r["step"] for r in fids] == [2, 4] and all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)
 
@@ -395,13 +400,14 @@ def test_grids_and_fid_samples_are_drawn_in_the_training_precision(precision, tm
         autocast.append(torch.is_autocast_enabled("cpu"))
         return sample(*args, **kwargs)
 
-    sample = train_script.sample
-    monkeypatch.setattr(train_script, "sample", spy)
+    import diffusion.sampling
+
+    sample = diffusion.sampling.sample
+    monkeypatch.setattr(diffusion.sampling, "sample", spy)
     train_script.train(compose_config(overrides=[*TINY, f"precision={precision}", "train.sample_every=2",
                                                  f"run_dir={tmp_path}"]))
     assert len(autocast) == 3  # the grid at step 2, the final grid, the final FD samples (50: one batch)
     assert autocast == [precision == "bf16"] * 3
-    assert train_script.decode(None, torch.zeros(2, dtype=torch.bfloat16)).dtype == torch.float32
 
 
 def test_fid_without_reference_is_refused(tmp_path):
@@ -409,7 +415,7 @@ def test_fid_without_reference_is_refused(tmp_path):
     cfg = compose_config(overrides=[*TINY, f"run_dir={tmp_path}", "fid.every=2", "fid.features=inception"])
     with pytest.raises(ValueError, match="needs fid.reference"):
         train_script.train(cfg)
-    folder = _image_folder(tmp_path / "imgs")
+    folder = image_folder(tmp_path / "imgs")
     cfg = compose_config(overrides=[*TINY, "data=imagefolder", f"data.path={folder}", "data.image_size=8",
                                     "fid.features=digits", "fid.every=2", f"run_dir={tmp_path}/r"])
     with pytest.raises(ValueError, match="fid.features=digits measures 8x8 digits"):

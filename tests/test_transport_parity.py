@@ -8,27 +8,20 @@ random draws consumed (the next draw of torch's global RNG after each call is eq
 """
 
 import functools
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_reference_script, rel_err
 from diffusion import Sampler, create_transport
 
 TESTS = Path(__file__).resolve().parent
 REFERENCE_FILE = TESTS / "data" / "sit_reference.pt"
 
 
-def _load_generator():
-    spec = importlib.util.spec_from_file_location("make_sit_reference", TESTS / "reference" / "make_sit_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _load_generator()
+gen = load_reference_script("make_sit_reference")
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,12 +38,6 @@ def _reference(source):
 ])
 def reference(request):
     return _reference(request.param)
-
-
-def rel_err(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
 def seeded(fn):

@@ -9,24 +9,12 @@ import torch
 from omegaconf import OmegaConf
 from sklearn.datasets import load_digits
 
+from conftest import tiny_ldm, tiny_unet
 from diffusion import classifier_free_guidance, create_diffusion
 from models import MODELS, UNet_models, create_model, model_stats
-from models.unet import DIGITS_MATCH, DIT_MATCH, EXTRA_SIZES, REFERENCE_PUBLISHED, UNET_SIZES, UNet
+from models.unet import DIGITS_MATCH, DIT_MATCH, EXTRA_SIZES, REFERENCE_PUBLISHED, UNET_SIZES
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-
-
-def tiny(**kwargs):
-    """UNet-T on 8x8 single-channel input with 10 classes (the digits)."""
-    return create_model("UNet-T", **{"input_size": 8, "in_channels": 1, "num_classes": 10, **kwargs})
-
-
-def tiny_ldm(**kwargs):
-    """A two-level LDM-style (cross-attention conditioned) U-Net on 8x8 single-channel input."""
-    config = dict(input_size=8, in_channels=1, num_classes=10, model_channels=32, channel_mult=(1, 2),
-                  attention_levels=(1,), head_channels=None, resblock_updown=False, conditioning="cross-attn",
-                  context_dim=32)
-    return UNet(**{**config, **kwargs})
 
 
 def randomize_(model, std=0.05):
@@ -41,7 +29,7 @@ def randomize_(model, std=0.05):
 # Contract: shapes, timesteps, classes
 # ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("build", [tiny, tiny_ldm], ids=["adagn", "cross-attn"])
+@pytest.mark.parametrize("build", [tiny_unet, tiny_ldm], ids=["adagn", "cross-attn"])
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_output_shape(build, learn_sigma):
     torch.manual_seed(0)
@@ -57,7 +45,7 @@ def test_non_square_input_and_latent_shape():
     assert out.shape == (2, 8, 8, 16)
 
 
-@pytest.mark.parametrize("build", [tiny, tiny_ldm], ids=["adagn", "cross-attn"])
+@pytest.mark.parametrize("build", [tiny_unet, tiny_ldm], ids=["adagn", "cross-attn"])
 def test_zero_init(build):
     # ADM (and LDM) zero-initialise the last layer of every residual branch and the output conv: each block
     # starts as the identity and the first prediction is exactly 0.
@@ -69,7 +57,7 @@ def test_zero_init(build):
     assert len(zeroed) > 4 and all(torch.count_nonzero(model.get_parameter(n)) == 0 for n in zeroed)
 
 
-@pytest.mark.parametrize("build", [tiny, tiny_ldm], ids=["adagn", "cross-attn"])
+@pytest.mark.parametrize("build", [tiny_unet, tiny_ldm], ids=["adagn", "cross-attn"])
 def test_timesteps_int_float_scalar(build):
     torch.manual_seed(0)
     model = randomize_(build()).eval()
@@ -80,7 +68,7 @@ def test_timesteps_int_float_scalar(build):
     assert not torch.allclose(model(x, torch.tensor([250.5, 250.5]), y), out_int)  # fractional t is used
 
 
-@pytest.mark.parametrize("build", [tiny, tiny_ldm], ids=["adagn", "cross-attn"])
+@pytest.mark.parametrize("build", [tiny_unet, tiny_ldm], ids=["adagn", "cross-attn"])
 def test_class_conditioning_and_null_class(build):
     torch.manual_seed(0)
     model = randomize_(build()).eval()
@@ -92,13 +80,13 @@ def test_class_conditioning_and_null_class(build):
 
 
 def test_unconditional_model():
-    model = randomize_(tiny(num_classes=0))
+    model = randomize_(tiny_unet(num_classes=0))
     out = model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))
     assert out.shape == (2, 2, 8, 8) and torch.isfinite(out).all()
 
 
 def test_deepcopy_for_ema_and_dropout():
-    model = randomize_(tiny(dropout=0.1)).eval()
+    model = randomize_(tiny_unet(dropout=0.1)).eval()
     ema = copy.deepcopy(model)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 6])
     torch.testing.assert_close(ema(x, t), model(x, t))
@@ -125,13 +113,13 @@ def test_small_inputs():
 
 def test_bad_configs():
     with pytest.raises(ValueError, match="attention_levels"):
-        tiny(attention_levels=(1, 5))
+        tiny_unet(attention_levels=(1, 5))
     with pytest.raises(ValueError, match="norm_groups"):
-        tiny(model_channels=48)
+        tiny_unet(model_channels=48)
     with pytest.raises(ValueError, match="head_channels"):
-        tiny(head_channels=48)
+        tiny_unet(head_channels=48)
     with pytest.raises(ValueError, match="conditioning"):
-        tiny(conditioning="concat")
+        tiny_unet(conditioning="concat")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -141,7 +129,7 @@ def test_bad_configs():
 LATENT = dict(input_size=32, in_channels=4, num_classes=1000)
 
 
-# The table in models/unet.py and the README: params (millions) and Gflops at 32x32x4.
+# The table in models/unet.py and docs/models.md: params (millions) and Gflops at 32x32x4.
 UNET_TABLE = {"T": (3.3, 0.76), "S": (41.1, 6.46), "B": (163.5, 25.34), "L": (548.1, 84.39), "XL": (765.2, 117.66)}
 
 
@@ -209,7 +197,7 @@ def trained(digits):
     """UNet-T after 25 AdamW steps on the digits, and its loss on a fixed batch before and after."""
     torch.manual_seed(0)
     x, y = digits
-    model = tiny()
+    model = tiny_unet()
     diffusion = create_diffusion(timestep_respacing="")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)
     # A fixed evaluation batch (data, timesteps and noise), so the comparison is not noise.

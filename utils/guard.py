@@ -5,7 +5,10 @@ ranks together at a step boundary (one small all-reduce per step under DDP/FSDP;
   a flag. At the next step boundary every rank learns whether any rank got one; the loop then writes a checkpoint
   at that step, flushes its logs and exits with 128 + the signal's number (143 for SIGTERM), the code a shell or
   SLURM reports for a job ended by that signal. A handler that was installed before ours (submitit's, which
-  requeues the job) is called after the checkpoint. A second signal while saving changes nothing.
+  requeues the job) is called after the checkpoint. A second signal while saving changes nothing. SLURM signals
+  every process of a job step: DataLoader workers ignore these signals (data/batches.py ignore_stop_signals), and
+  train.py installs the handlers before it starts them. Under torchrun only SIGTERM passes through torchrun's agent
+  (docs/cluster.md).
 - Wall clock. `train.ckpt_every_minutes` writes a checkpoint when that long has passed since the last one.
 - Non-finite. A loss or gradient norm that is NaN or inf on any rank stops the step before the optimizer touches
   the weights; up to `train.skip_nonfinite` such steps are skipped (and logged) instead, then the run stops.
@@ -93,3 +96,13 @@ def first_nonfinite_tensor(state, prefix=""):
         if found is not None:
             return found
     return None
+
+
+def divergence_message(step, quantity, checkpoints, allowed):
+    """What stopped the run at `step`, where its good state is (`checkpoints`: the complete ones, oldest first) and
+    what to try."""
+    last = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+    return (f"step {step}: the {quantity} is not finite (NaN or inf), so training stopped before the optimizer "
+            f"update ({allowed} such step(s) may be skipped: train.skip_nonfinite); {last}, and re-running the same "
+            f"command resumes from it. Lower optim.lr, set optim.grad_clip, or use precision=fp32")
+

@@ -5,7 +5,10 @@ from torchvision.utils import save_image
 
 
 def to_uint8(x):
-    """[-1, 1] float images (N, C, H, W) -> uint8 (N, C, H, W), rounding as ADM does."""
+    """[-1, 1] float images (N, C, H, W) -> uint8 (N, C, H, W), rounding to the nearest of the 256 levels (ties to
+    even). The official DiT's sample_ddp.py rounds too (127.5 x + 128, then truncation: ties up, the only
+    difference); ADM's image_sample.py truncates ((x + 1) * 127.5 cast to uint8), a level lower for about half the
+    values. Samples (sample.py), training grids and datasets scored by evaluation/ all go through this one."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -3,19 +3,89 @@
 import json
 import os
 import secrets
+import time
+import warnings
 from pathlib import Path
+
+import torch
+
 from .errors import ConfigError
+from .files import atomic_write_text
+
+
+def read_metrics(path, warn=True):
+    """The rows of a metrics.jsonl, in order; [] when it does not exist. A line that is not a JSON object (the last
+    one torn by a run killed mid-write) is skipped with a warning, never a crash: the one reader of the codebase."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        row = read_metrics_line(line)
+        if row is not None:
+            rows.append(row)
+        elif line.strip() and warn:
+            warnings.warn(f"{path}:{number} is not a JSON object (a write cut short?); the line is skipped",
+                          stacklevel=2)
+    return rows
+
+
+def logged_row(path, step, key):
+    """The last metrics.jsonl row of `step` that has `key`, or None."""
+    return next((r for r in reversed(read_metrics(path)) if r.get("step") == step and key in r), None)
 
 
 def truncate_metrics(path, last_step):
-    """Drop rows logged after `last_step` (a run killed after its last checkpoint logged steps it will redo)."""
+    """Rows logged after `last_step` (a run killed after its last checkpoint logged steps it will redo) and torn
+    lines leave metrics.jsonl; they are appended to metrics.dropped.jsonl beside it, never deleted."""
     path = Path(path)
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
-    if len(kept) != len(rows):
-        path.write_text("".join(line + "\n" for line in kept))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept, dropped = [], []
+    for line in lines:
+        row = read_metrics_line(line)
+        (kept if row is not None and row.get("step", 0) <= last_step else dropped).append(line)
+    if dropped:
+        with open(path.with_name("metrics.dropped.jsonl"), "a") as f:
+            f.write("".join(line + "\n" for line in dropped))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def read_metrics_line(line):
+    """One metrics.jsonl line as a dict, or None when it is not a JSON object."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+class MetricsWindow:
+    """Running sums of the logged quantities between two log lines; `means()` averages them over the steps and, on
+    several processes, over the ranks (one all-reduce), then starts a new window."""
+
+    def __init__(self):
+        self.start, self.steps, self.sums = time.perf_counter(), 0, {}
+
+    def add(self, values):
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().mean()
+        self.steps += 1
+
+    def means(self, device, world_size=1):
+        """({name: mean}, seconds per step) of the window; resets it."""
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self.start
+        means = {k: float(v) / self.steps for k, v in self.sums.items()}
+        if world_size > 1:
+            packed = torch.tensor(list(means.values()), device=device)
+            torch.distributed.all_reduce(packed)
+            means = dict(zip(means, (packed / world_size).tolist()))
+        step_time = elapsed / self.steps
+        self.__init__()
+        return means, step_time
 
 
 def _has_wandb_key():
@@ -33,6 +103,16 @@ class RunLogger:
     and plots every metric against our own "step" key, because W&B's internal step must only increase and a
     resume from an older checkpoint revisits steps.
     """
+
+    @classmethod
+    def for_run(cls, run_dir, config, settings):
+        """The logger of a run: `settings` as conf/logger gives them (backend, project, ...); W&B names the run after
+        its run_dir."""
+        settings = dict(settings)
+        backend = settings.pop("backend")
+        if backend == "none":
+            return cls(run_dir, config)
+        return cls(run_dir, config, backend=backend, name=Path(run_dir).as_posix().replace("/", "_"), **settings)
 
     def __init__(self, run_dir, config, backend="none", project="dit", group=None, tags=(), name=None, mode=None):
         self.path = Path(run_dir) / "metrics.jsonl"

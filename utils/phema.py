@@ -15,21 +15,22 @@ checkpoint, so a resumed run continues it exactly. After training:
     python -m utils.phema RUN_DIR --sigma-rel 0.05 0.08 0.12 [--images N]
 
 writes run_dir/phema/reconstructed-<images>-<sigma_rel>.pt for each, a checkpoint sample.py reads
-(`sample.py ckpt=<that file>`), from the snapshots up to N images (default: the newest snapshot). With --sweep it also
-samples each, scores it (digits features on digits runs, Inception elsewhere with --ref) and plots FD against
-sigma_rel with the best marked (run_dir/phema/phema_sweep.png and .json).
+(`sample.py ckpt=<that file>`), from the snapshots up to N images (default: the newest snapshot).
+`python -m benchmarks.phema_sweep RUN_DIR --sigma-rel ...` also samples each, scores it and plots FD against
+sigma_rel (benchmarks/phema_sweep.py: sampling and scoring are above utils/).
 """
 
 import argparse
 import math
-import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, report_user_errors
+from utils.files import atomic_write
 
 SIGMA_REL_MAX = 1 / math.sqrt(12)   # gamma -> 0: the uniform average over all of training
 
@@ -101,7 +102,9 @@ class PowerEMA:
         if list(state["sigma_rels"]) != list(self.sigma_rels):
             raise ConfigError(f"the saved post-hoc EMAs track sigma_rel {state['sigma_rels']}, the config "
                              f"{list(self.sigma_rels)}")
-        self.emas = [[t.clone() for t in ema] for ema in state["emas"]]
+        # Copied onto the device of the tracked parameters (checkpoints are loaded on the CPU).
+        self.emas = [[t.to(own.device, torch.float32, copy=True) for t, own in zip(ema, mine)]
+                     for ema, mine in zip(state["emas"], self.emas)]
 
     def snapshot_states(self, model):
         """{sigma_rel: state_dict of `model` with that EMA's parameters (fp32) and the model's buffers}."""
@@ -127,10 +130,8 @@ def write_snapshots(folder, tracker, model, images, extra):
     folder.mkdir(parents=True, exist_ok=True)
     for sigma_rel, state in tracker.snapshot_states(model).items():
         path = snapshot_path(folder, images, sigma_rel)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save({"ema": state, "images": int(images), "sigma_rel": sigma_rel,
-                    "gamma": sigma_rel_to_gamma(sigma_rel), **extra}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save({"ema": state, "images": int(images), "sigma_rel": sigma_rel,
+                                                   "gamma": sigma_rel_to_gamma(sigma_rel), **extra}, tmp))
 
 
 def list_snapshots(folder):
@@ -166,78 +167,45 @@ def reconstruct(folder, sigma_rel, images=None, sources=None):
                    "coefficients": [float(c) for c in x], "last": last}
 
 
-def sweep(written, sigma_rels, out, sample_args=(), features=None, reference=None, weights=None):
-    """Score each reconstruction: sample.py's samples, FID (FD) on `features` against `reference` (default: the
-    digits network and the digits' train split for digits runs), plotted against sigma_rel with the best marked."""
-    import json
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from evaluation import ImageSource, digits_reference, evaluate
-    import sample as sample_script
-    from hydra import compose, initialize_config_dir
-    config_dir = str(Path(__file__).resolve().parents[1] / "conf")
-    rows = []
-    for path, sigma_rel in zip(written, sigma_rels):
-        data = torch.load(path, map_location="cpu", weights_only=True)["config"]["data"]["name"]
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            cfg = compose("sample", overrides=[f"ckpt={path}", f"out={Path(out) / f'samples-{sigma_rel:.3f}'}",
-                                               *sample_args])
-        samples = sample_script.run(cfg) / "samples.npz"
-        arrays = np.load(samples)
-        net = features or ("digits" if data == "digits" else "inception")
-        ref = reference or (digits_reference() if net == "digits" else None)
-        if ref is None:
-            raise ConfigError(f"the sweep scores with {net} features: give --ref <statistics npz made with them>")
-        result = evaluate(ImageSource.from_array(arrays["arr_0"], labels=arrays["arr_1"]), ref, features=net,
-                          weights=weights, progress=False)
-        rows.append({"sigma_rel": sigma_rel, "fid": float(result["fid"]), "features": net,
-                     **({"class_accuracy": float(result["class_accuracy"])} if "class_accuracy" in result else {})})
-        print(f"sigma_rel {sigma_rel:.3f}: FD ({net}) {rows[-1]['fid']:.4f}")
-    best = min(rows, key=lambda r: r["fid"])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["sigma_rel"] for r in rows], [r["fid"] for r in rows], "o-")
-    ax.plot([best["sigma_rel"]], [best["fid"]], "r*", markersize=14, label=f"best: sigma_rel {best['sigma_rel']:.3f}")
-    ax.set_xlabel("EMA length sigma_rel (post-hoc)")
-    ax.set_ylabel(f"FD ({best['features']} features)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(Path(out) / "phema_sweep.png", dpi=130)
-    (Path(out) / "phema_sweep.json").write_text(json.dumps({"rows": rows, "best": best}, indent=1))
-    print(f"best sigma_rel {best['sigma_rel']:.3f} (FD {best['fid']:.4f}); plot {Path(out) / 'phema_sweep.png'}")
-    return rows, best
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Reconstruct post-hoc EMAs of a run (EDM2) as sample.py checkpoints, "
-                                                 "and with --sweep score each and plot FD against sigma_rel")
-    parser.add_argument("run_dir")
-    parser.add_argument("--sigma-rel", type=float, nargs="+", required=True)
-    parser.add_argument("--images", type=int, default=None, help="a snapshot time (default: the newest)")
-    parser.add_argument("--sweep", action="store_true", help="sample and score each reconstruction")
-    parser.add_argument("--sample-args", nargs="*", default=["num_samples=1000", "batch_size=500"],
-                        help="sample.py overrides for the sweep (e.g. steps=25 device=cuda)")
-    parser.add_argument("--features", default=None, help="default: digits for digits runs, else inception")
-    parser.add_argument("--ref", default=None, help="reference statistics (default for digits: the train split)")
-    parser.add_argument("--weights", default=None, help="the feature network's weights file")
-    args = parser.parse_args(argv)
-    folder = Path(args.run_dir) / "phema"
+def write_reconstructions(run_dir, sigma_rels, images=None):
+    """Reconstruct each sigma_rel at `images` images (default: the newest snapshot) from run_dir/phema and write it
+    as a checkpoint sample.py reads, run_dir/phema/reconstructed-<images>-<sigma_rel>.pt; returns their paths."""
+    folder = Path(run_dir) / "phema"
     written = []
-    for sigma_rel in args.sigma_rel:
-        state, info = reconstruct(folder, sigma_rel, args.images)
+    for sigma_rel in sigma_rels:
+        state, info = reconstruct(folder, sigma_rel, images)
         last = info["last"]
         out = folder / f"reconstructed-{info['images']:010d}-{sigma_rel:.3f}.pt"
-        torch.save({"model": state, "ema": state, "step": last["step"], "config": last["config"],
-                    "model_args": last["model_args"], "phema": {k: v for k, v in info.items() if k != "last"}}, out)
+        payload = {"model": state, "ema": state, "step": last["step"], "config": last["config"],
+                   "model_args": last["model_args"], "phema": {k: v for k, v in info.items() if k != "last"}}
+        atomic_write(out, lambda tmp: torch.save(payload, tmp))   # sample.py never reads half a file
         written.append(out)
         print(f"sigma_rel {sigma_rel:.3f} at {info['images']} images from {info['snapshots']} snapshots: {out}")
-    if args.sweep:
-        sweep(written, args.sigma_rel, folder, args.sample_args, args.features, args.ref, args.weights)
     return written
 
 
+def add_arguments(parser):
+    """The reconstruction's command-line arguments (benchmarks/phema_sweep.py takes them too)."""
+    parser.add_argument("run_dir")
+    parser.add_argument("--sigma-rel", type=float, nargs="+", required=True)
+    parser.add_argument("--images", type=int, default=None, help="a snapshot time (default: the newest)")
+    return parser
+
+
+SWEEP_MOVED = ("--sweep moved to its own command, which reconstructs, samples and scores each sigma_rel: "
+               "python -m benchmarks.phema_sweep RUN_DIR --sigma-rel ... [--sample-args ...] [--features ...] "
+               "[--ref ...]")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--sweep" in argv:   # the sweep samples and scores: it lives above utils/, in benchmarks/
+        raise ConfigError(SWEEP_MOVED)
+    parser = argparse.ArgumentParser(description="Reconstruct post-hoc EMAs of a run (EDM2) as sample.py checkpoints "
+                                                 "(to score them too: python -m benchmarks.phema_sweep)")
+    args = add_arguments(parser).parse_args(argv)
+    return write_reconstructions(args.run_dir, args.sigma_rel, args.images)
+
+
 if __name__ == "__main__":
-    from utils.errors import report_user_errors
     report_user_errors(main)()
