@@ -49,7 +49,7 @@ from utils.parallel import Trainables, load_optimizer_state, parallelize, sampli
 from utils.phema import write_snapshots
 from utils.runlock import RunLock
 from utils.schedule import cooldown_steps, learning_rate
-from utils.speed import adamw, attention_backend, forward_context, resolve_precision
+from utils.speed import adamw, attention_backend, backward_context, forward_context, resolve_precision
 
 # run_dir suffix for sweeps over settings other than model/data: "runs/digits/DiT-S-2_optim.lr=0.0003".
 OmegaConf.register_new_resolver("sweep_suffix", lambda s: "_" + s.replace("/", "-") if s else "", replace=True)
@@ -81,7 +81,8 @@ def train_step(model, objective, trainables, batch, *, accum=1, forward=nullcont
                 part = objective.losses(model, x, t, noise, dict(y=y))
                 if repa is not None:  # + coeff * alignment of block repa.depth's tokens (logged as repa_loss)
                     part = repa.add_loss(part, z)
-            (part["loss"].mean() / accum).backward()
+            with backward_context(forward):   # activation checkpointing recomputes blocks with the same kernel
+                (part["loss"].mean() / accum).backward()
         parts.append({k: v.detach() for k, v in part.items()})
     losses = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
     return losses, trainables.clip(max_norm)
@@ -328,8 +329,7 @@ def fit(run, boundary):
     cfg = run.cfg
     run.model.train()
     run.ema.eval()
-    progress = tqdm(total=cfg.train.steps, initial=run.step, desc="train", disable=not run.dist.is_main,
-                    mininterval=2)
+    progress = tqdm(total=cfg.train.steps, initial=run.step, desc="train", disable=not run.dist.is_main, mininterval=2)
     run.window = MetricsWindow()   # step times count from here, not from setup
     while run.step < cfg.train.steps:
         batch = step_batch(run, run.step)

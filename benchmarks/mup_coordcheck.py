@@ -8,10 +8,10 @@ For each width the same seed builds the model (models.mup.parametrize), fixed da
 noise and labels, drawn from the seed alone, so every width sees the same numbers) trains with one flow-matching
 loss for `steps` AdamW steps (weight decay 0; under mup the per-group lr scales of models.mup.param_groups), and a
 forward hook on every linear / conv layer records, before each update k, |out_k|.mean() (the activation size) and
-|out_k - out_0|.mean() (the update size: how far k updates moved that layer's output). Under μP both stay flat in width;
-under SP with Adam the update size of hidden layers grows about linearly with width. adaLN-Zero and the zero readout
-mean a DiT's attention and MLP weights first move at update 3 (the readout moves first, then the gates), so use
-steps >= 4. Writes <out>/mup_coordcheck.png and prints a markdown table (mean over each role's layers, last step).
+|out_k - out_0|.mean() (the update size: how far k updates moved that layer's output). Under μP both stay flat in
+width; under SP with Adam the update size of hidden layers grows about linearly with width. adaLN-Zero and the zero
+readout mean a DiT's attention and MLP weights first move at update 3 (the readout moves first, then the gates), so
+use steps >= 4. Writes <out>/mup_coordcheck.png and prints a markdown table (mean over each role's layers, last step).
 """
 
 import argparse
@@ -38,8 +38,8 @@ def build(family, width):
     if family == "dit":
         return DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=width, depth=2, num_heads=width // HEAD,
                    num_classes=10, learn_sigma=False)
-    return UNet(input_size=8, in_channels=1, num_classes=10, learn_sigma=False, model_channels=width, channel_mult=(1, 2),
-                attention_levels=(1,), num_res_blocks=1, norm_groups=8, head_channels=HEAD)
+    return UNet(input_size=8, in_channels=1, num_classes=10, learn_sigma=False, model_channels=width,
+                channel_mult=(1, 2), attention_levels=(1,), num_res_blocks=1, norm_groups=8, head_channels=HEAD)
 
 
 def fixed_batch(seed, batch=16):
@@ -122,7 +122,8 @@ def plot(rows, steps, path):
                         alpha=0.35 if pts[0][2] == "hidden" else 0.9, marker=".")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_title(f"{fam} {param}: {'|out|' if key == 'act' else '|out - out_0|'} after {steps} steps", fontsize=9)
+            what = "|out|" if key == "act" else "|out - out_0|"
+            ax.set_title(f"{fam} {param}: {what} after {steps} steps", fontsize=9)
             ax.set_xlabel("width")
     for role, color in colors.items():
         axes[0][0].plot([], [], color=color, label=role)

@@ -20,6 +20,7 @@ import os
 import sys
 
 from utils.errors import ConfigError, report_user_errors
+from utils.files import atomic_write_text
 
 from .digits import WEIGHTS, digits_source, save_digits_net, train_digits_net
 from .evaluator import build_reference, evaluate
@@ -91,9 +92,7 @@ def _default_out(spec):
 
 def _write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _stamp(argv):

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 from utils.errors import ConfigError, MissingFile
+from utils.files import atomic_write_text
+from utils.logger import read_metrics
 
 from .evaluator import evaluate
 from .real_digits import digits_reference
@@ -78,18 +80,6 @@ def find_runs(paths):
             if "metrics.jsonl" in files:
                 found.append(Path(folder))
     return sorted(set(found))
-
-
-def read_metrics(path):
-    """The rows of a metrics.jsonl; a torn last line (a run killed mid-write) is ignored."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def _checkpoint_params(run_dir):
@@ -146,7 +136,7 @@ def score_final(run, features="digits", reference=None, num_samples=1000, weight
         result = evaluate(out / "samples.npz", reference, features=features, weights=weights, progress=False)
         row = {"step": int(ckpt.stem), "fid": result["fid"], "fid_samples": num_samples, "fid_features": features,
                "ckpt": ckpt.name, **({"class_accuracy": result["class_accuracy"]} if "class_accuracy" in result else {})}
-        cached.write_text(json.dumps(row, indent=2))
+        atomic_write_text(cached, json.dumps(row, indent=2))
     run.rows = [r for r in run.rows if "fid" not in r] + [row]
     return row
 

@@ -134,3 +134,20 @@ def image_folder(root, classes=2, per_class=2, size=12, image=None):
             pixels = image(c, i) if image else np.full((size, size + 4, 3), 40 * (c + i), np.uint8)
             Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
     return root
+
+
+# A 40-step run that logs every step and checkpoints only when stopped: what the stop-signal tests interrupt.
+SIGNAL_RUN = [*PINNED, "logger=none", "device=cpu", "train.steps=40", "train.batch_size=16", "train.log_every=1",
+              "train.ckpt_every=1000", "train.keep_last=0", "sample.steps=2", "sample.per_class=1", "fid.at_end=false"]
+
+
+def wait_for_rows(run_dir, n, proc, timeout=180):
+    """Wait until a training subprocess has logged `n` metrics rows (it is under way), or fail with its output."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        path = Path(run_dir) / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not get going:\n{proc.communicate()[0] if proc.poll() is not None else ''}")

@@ -9,32 +9,19 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import train as train_script
-from conftest import PINNED, ROOT, assert_same_state, compose_config, final_state, image_folder, read_run_metrics
+from conftest import SIGNAL_RUN, wait_for_rows, ROOT, assert_same_state, compose_config, final_state, image_folder, read_run_metrics
 from data.batches import batch_source, ignore_stop_signals
 from data.sampler import StepSampler
 from utils.checkpoint import list_checkpoints
 from utils.distributed import first_host, slurm_port, slurm_world
 from utils.guard import STOP_SIGNALS
 
-SIGNAL_RUN = [*PINNED, "logger=none", "device=cpu", "train.steps=40", "train.batch_size=16", "train.log_every=1",
-              "train.ckpt_every=1000", "train.keep_last=0", "sample.steps=2", "sample.per_class=1", "fid.at_end=false"]
-
-
-def wait_for_rows(run_dir, n, proc, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        path = Path(run_dir) / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the run did not get going:\n{proc.communicate()[0] if proc.poll() is not None else ''}")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ time grid at the training density's quantiles and a bootstrap standard error tha
 
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import train as train_script
 from conftest import ROOT, TINY, compose_config, read_run_metrics, run_script
 from data import DigitsDataset
 from diffusion import build_objective
-from diffusion.eval_loss import (BOOTSTRAP_RESAMPLES, EvalLoss, bootstrap_indices, bootstrap_se, build_eval_loss,
+from diffusion.eval_loss import (BOOTSTRAP_RESAMPLES, bootstrap_indices, bootstrap_se, build_eval_loss,
                                  image_noise, time_grid)
 from models import create_model
 from utils.errors import ConfigError

@@ -68,6 +68,14 @@ def test_train_step_clips_to_max_norm_and_refuses_a_bad_accumulation():
         train_script.train_step(model, objective, trainables, _step_inputs(objective), accum=3)
 
 
+def test_activation_checkpointing_recomputes_with_the_forced_attention_kernel(tmp_path):
+    """bf16 on a CPU forces the math attention kernel (train.attention=auto); the recomputation in the backward pass
+    must use it too, or torch's checkpoint finds different saved tensors and stops."""
+    train_script.train(compose_config(overrides=[*TINY, "precision=bf16", "train.attention=math", "train.steps=2",
+                                                 "train.grad_checkpoint=true", "fid.at_end=false", f"run_dir={tmp_path}"]))
+    assert final_state(tmp_path)["step"] == 2
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Skipped steps still do the end-of-step bookkeeping
 # ------------------------------------------------------------------------------------------------------------

@@ -63,13 +63,14 @@ def test_dit_lr_and_init_scales_follow_their_formulas(n):
     # Input: the patch embedding keeps its base-width xavier variance 2 / (base + C p^2).
     fan_in = 4 * 2 * 2
     w = model.x_embedder.proj.weight
-    assert w.abs().max() <= math.sqrt(6 / (base + fan_in)) and w.std() == pytest.approx(math.sqrt(2 / (base + fan_in)), rel=0.1)
-    assert model.t_embedder.mlp[0].weight.std() == pytest.approx(0.02, rel=0.05)
-    assert model.y_embedder.embedding_table.weight.std() == pytest.approx(0.02, rel=0.1)
+    assert w.abs().max() <= math.sqrt(6 / (base + fan_in))
+    assert w.std().item() == pytest.approx(math.sqrt(2 / (base + fan_in)), rel=0.1)
+    assert model.t_embedder.mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.y_embedder.embedding_table.weight.std().item() == pytest.approx(0.02, rel=0.1)
     # Hidden: xavier (variance 2 / (fan_in + fan_out), i.e. ∝ 1/n), and t_embedder.mlp.2's 0.02 · sqrt(base / n).
-    assert model.t_embedder.mlp[2].weight.std() == pytest.approx(0.02 * math.sqrt(base / n), rel=0.05)
+    assert model.t_embedder.mlp[2].weight.std().item() == pytest.approx(0.02 * math.sqrt(base / n), rel=0.05)
     qkv = model.blocks[0].attn.qkv.weight
-    assert qkv.std() == pytest.approx(math.sqrt(2 / (n + 3 * n)), rel=0.05)
+    assert qkv.std().item() == pytest.approx(math.sqrt(2 / (n + 3 * n)), rel=0.05)
     # adaLN-Zero and the zero readout stay zero.
     for p in (model.blocks[0].adaLN_modulation[-1].weight, model.final_layer.adaLN_modulation[-1].weight,
               model.final_layer.linear.weight, model.final_layer.linear.bias):
@@ -113,7 +114,7 @@ def test_learning_rates_and_init_scales_agree_with_the_mup_package():
     base, delta, n, lr = 32, 48, 128, 1e-3
     # Learning rates: MuAdamW's per-parameter lr for a DiT with base shapes from two narrow ones.
     torch.manual_seed(0)
-    model = mup.set_base_shapes(dit(n), dit(base), delta=dit(delta), rescale_params=False)
+    model = mup.set_base_shapes(dit(n), dit(base), delta=dit(delta), rescale_params=False, do_assert=False)
     theirs = {id(p): g["lr"] for g in mup.MuAdamW(model.parameters(), lr=lr).param_groups for p in g["params"]}
     ours = {id(p): lr * s for p, s in ((p, lr_scales(model, base)[id(p)]) for p in model.parameters())}
     assert theirs.keys() == ours.keys()
@@ -121,7 +122,7 @@ def test_learning_rates_and_init_scales_agree_with_the_mup_package():
         assert ours[id(p)] == pytest.approx(theirs[id(p)], rel=1e-12), name
     # Init scales: mup.init's drop-ins of the official init (xavier_uniform_, normal_(0.02)) against ours.
     torch.manual_seed(1)
-    ref = mup.set_base_shapes(dit(n), dit(base), delta=dit(delta), rescale_params=False)
+    ref = mup.set_base_shapes(dit(n), dit(base), delta=dit(delta), rescale_params=False, do_assert=False)
     for name, m in ref.named_modules():
         if isinstance(m, torch.nn.Linear) and name.startswith("blocks.") and "adaLN" not in name:
             mup.init.xavier_uniform_(m.weight)
@@ -137,13 +138,15 @@ def test_learning_rates_and_init_scales_agree_with_the_mup_package():
     assert checked >= 9
     # U-Net biases: mup's rescale of PyTorch's default init (set_base_shapes(rescale_params=True)) equals ours.
     torch.manual_seed(0)
-    theirs_u = mup.set_base_shapes(unet(64), unet(16), delta=unet(32), rescale_params=True)
+    theirs_u = mup.set_base_shapes(unet(64), unet(16), delta=unet(32), rescale_params=True,
+                                   do_assert=False)
     torch.manual_seed(0)
     ours_u = parametrize(unet(64), "mup", 16)
     for (name, a), b in zip(theirs_u.named_parameters(), ours_u.parameters()):
         assert torch.allclose(a, b, rtol=1e-6, atol=0), name
     ours_lr = lr_scales(ours_u, 16)
-    theirs_lr = {id(p): g["lr"] / lr for g in mup.MuAdamW(theirs_u.parameters(), lr=lr).param_groups for p in g["params"]}
+    groups = mup.MuAdamW(theirs_u.parameters(), lr=lr).param_groups
+    theirs_lr = {id(p): g["lr"] / lr for g in groups for p in g["params"]}
     for (name, a), b in zip(theirs_u.named_parameters(), ours_u.parameters()):
         if name != "unet.conv_out.weight":   # mup has no conv readout: it treats conv_out as a vector (same lr here)
             assert ours_lr[id(b)] == pytest.approx(theirs_lr[id(a)]), name
@@ -239,3 +242,12 @@ def test_mup_init_is_the_identity_at_the_base_width_for_unets_too():
     torch.manual_seed(0)
     b = mup_init_(unet(32), 32)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_runs_from_before_model_param_resume_as_sp_and_refuse_mup():
+    from utils.checkpoint import check_resume
+    from utils.errors import ConfigError
+    old = {"model": {"name": "DiT-Mini/2", "kwargs": {}}, "diffusion": {}, "repa": {}, "vae": {}}
+    check_resume(old, {**old, "model": {**old["model"], "param": "sp", "base_width": None}}, "ckpt")
+    with pytest.raises(ConfigError, match="param"):
+        check_resume(old, {**old, "model": {**old["model"], "param": "mup", "base_width": 64}}, "ckpt")

@@ -6,14 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import train as train_script
-from conftest import PINNED, ROOT, TINY, assert_same_state, compose_config, final_state, read_run_metrics, run_script
+from conftest import SIGNAL_RUN, wait_for_rows, ROOT, TINY, assert_same_state, compose_config, final_state, read_run_metrics, run_script
 from utils.checkpoint import list_checkpoints, load_checkpoint
 from utils.errors import Diverged
 from utils.guard import first_nonfinite_tensor
@@ -65,18 +63,6 @@ def test_a_nonfinite_checkpoint_is_never_written(tmp_path):
 # Stop signals: a checkpoint at that step, the exit code, and a resume equal to an uninterrupted run
 # ------------------------------------------------------------------------------------------------------------
 
-SIGNAL_RUN = [*PINNED, "logger=none", "device=cpu", "train.steps=40", "train.batch_size=16", "train.log_every=1",
-              "train.ckpt_every=1000", "train.keep_last=0", "sample.steps=2", "sample.per_class=1", "fid.at_end=false"]
-
-
-def wait_for_rows(run_dir, n, proc, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        path = Path(run_dir) / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the run did not get going")
 
 
 @pytest.fixture(scope="module")

@@ -225,7 +225,9 @@ def check_resume(saved, current, path, canonical_diffusion=lambda d: d):
     objective of configs from before it was recorded (diffusion.objectives.canonical_config)."""
     def identity(c):
         vae = c.get("vae") or {}
-        return {"model": c.get("model"), "diffusion": canonical_diffusion(c.get("diffusion")),
+        # Runs from before model.param was recorded are sp (models/mup.py) with no base width.
+        return {"model": {"param": "sp", "base_width": None, **(c.get("model") or {})},
+                "diffusion": canonical_diffusion(c.get("diffusion")),
                 "repa": c["repa"] if (c.get("repa") or {}).get("encoder") else {"encoder": None},
                 "vae": {**{k: vae.get(k) for k in ("name", "id", "scaling_factor")}, "normalize": bool(vae.get("normalize"))}}
     before, now = identity(saved), identity(current)

@@ -69,7 +69,15 @@ def forward_context(precision, device, attention=None):
         if attention is not None:
             stack.enter_context(sdpa_kernel(attention))
         return stack
+    context.attention = attention
     return context
+
+
+def backward_context(forward):
+    """The context a backward pass runs in: the attention kernel its forward_context forced (if any), without autocast,
+    so activation checkpointing recomputes each block with the kernel of the forward pass."""
+    attention = getattr(forward, "attention", None)
+    return sdpa_kernel(attention) if attention is not None else nullcontext()
 
 
 def adamw(params, optim):
