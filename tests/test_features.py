@@ -72,6 +72,7 @@ def test_real_digits_score_the_floor_and_noise_far_above(reference):
     assert noisy["features"] == "digits" and noisy["feature_extractor"]["weights_sha256"]
 
 
+@pytest.mark.slow   # subprocesses: over 10 s on 2 cores (the default suite stays near 5 minutes)
 def test_fid_of_a_briefly_trained_model_lies_between(reference, tmp_path):
     import sample as sample_script
     import train as train_script
@@ -104,6 +105,7 @@ def test_a_reference_from_another_network_is_refused(tmp_path, reference):
     assert str(record["feature_network"]) == "digits" and len(str(record["feature_weights_sha256"])) == 64
 
 
+@pytest.mark.slow   # subprocesses: over 10 s on 2 cores (the default suite stays near 5 minutes)
 def test_cli_ref_and_fid_with_digits_features(tmp_path):
     run_script(["-m", "evaluation", "ref", "--data", "digits", "--split", "train", "--features", "digits",
                 "--save-features", "--out", str(tmp_path / "ref.npz"), "--quiet"])
@@ -204,6 +206,7 @@ def test_fd_dinov2_equals_a_float64_reference(dino_weights, tmp_path):
     assert ours == pytest.approx(frechet(ra, rb), rel=1e-3)
 
 
+@pytest.mark.slow   # subprocesses: over 10 s on 2 cores (the default suite stays near 5 minutes)
 def test_missing_dinov2_weights_name_the_file_and_the_setting(tmp_path):
     from evaluation.dinov2 import MissingDINOv2Weights
     with pytest.raises(MissingDINOv2Weights) as error:

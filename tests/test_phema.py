@@ -148,6 +148,7 @@ def test_the_sweep_scores_every_reconstruction_and_marks_the_best(tmp_path):
     assert (tmp_path / "run" / "phema" / "phema_sweep.png").stat().st_size > 0
 
 
+@pytest.mark.slow   # subprocesses: over 10 s on 2 cores (the default suite stays near 5 minutes)
 def test_the_reconstruction_command_points_a_sweep_to_its_new_home(tmp_path):
     """utils/ imports nothing above it, so the sweep (sampling, scoring) is benchmarks/phema_sweep.py; --sweep on the
     reconstruction command says so in one line and fails, before reading anything."""

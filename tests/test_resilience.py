@@ -72,7 +72,7 @@ def uninterrupted(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGUSR1])
 def test_a_stop_signal_checkpoints_exits_and_resumes_bit_exactly(tmp_path, uninterrupted, sig):
     cmd = [sys.executable, "train.py", *SIGNAL_RUN, f"run_dir={tmp_path}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -168,7 +168,8 @@ def small_run(tmp_path_factory):
                  "optim.cooldown_fraction=1.5 must be between 0", marks=pytest.mark.slow),
     pytest.param(["train.py", *TINY, "run_dir={tmp}/x", "data=imagefolder", "data.path=/no/such/folder",
                   "data.image_size=8"], "does not exist; set data.path", marks=pytest.mark.slow),
-    (["extract_latents.py", "data=digits", "out={tmp}/cache"], "latent caches are made from image folders"),
+    pytest.param(["extract_latents.py", "data=digits", "out={tmp}/cache"], "latent caches are made from image folders",
+                 marks=pytest.mark.slow),
     (["-m", "evaluation", "fid", "{tmp}/none.npz", "--ref", "{tmp}/none_ref.npz", "--features", "digits"],
      "expected a samples .npz"),
 ])
@@ -179,11 +180,13 @@ def test_user_mistakes_print_one_message_without_a_traceback(args, says, small_r
     assert says in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow   # subprocesses: over 10 s on 2 cores (the default suite stays near 5 minutes)
 def test_hydra_full_error_shows_the_traceback(small_run):
     result = run_script(["sample.py", f"ckpt={small_run}", "sampler=euler"], check=False, env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode != 0 and "Traceback" in result.stderr and "unknown sampler" in result.stderr
 
 
+@pytest.mark.slow   # subprocesses: over 10 s on 2 cores (the default suite stays near 5 minutes)
 def test_evaluation_debug_flag_shows_the_traceback(tmp_path):
     result = run_script(["-m", "evaluation", "fid", str(tmp_path / "x.npz"), "--ref", str(tmp_path / "r.npz"),
                          "--debug"], check=False)

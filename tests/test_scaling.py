@@ -158,6 +158,7 @@ def test_sweep_configs_compose():
                                                         models_of("scaling-digits"))
 
 
+@pytest.mark.slow   # subprocesses: over 10 s on 2 cores (the default suite stays near 5 minutes)
 def test_sweep_launches_every_model_with_group_and_tags(tmp_path):
     """`python train.py -m experiment=...` alone expands the file's model list (dry runs: nothing trains)."""
     result = run_script([str(ROOT / "train.py"), "-m", "experiment=scaling-dit-unet", "dry_run=true"], cwd=tmp_path)

@@ -492,6 +492,7 @@ def test_digits_quick_is_the_default_with_only_its_documented_changes():
     assert quick["ema.decay"] < default["ema.decay"] and quick["sample.steps"] < default["sample.steps"]
 
 
+@pytest.mark.slow   # subprocesses: over 10 s on 2 cores (the default suite stays near 5 minutes)
 def test_throughput_benchmark_times_the_digits_step_as_train_py_runs_it():
     """benchmarks/throughput.py --data digits: train.py's precision=auto and the digits input. --profile's three
     parts add up to the profiler's own total of self times (computed apart from them), which covers most of the

@@ -75,6 +75,7 @@ def test_unknown_group_options_list_the_valid_ones():
         assert group_options(group)[0] in str(error.value)
 
 
+@pytest.mark.slow   # subprocesses: over 10 s on 2 cores (the default suite stays near 5 minutes)
 def test_dry_run_prints_the_resolved_config(tmp_path):
     result = run_script(["train.py", "dry_run=true", f"run_dir={tmp_path}/r"])
     printed = OmegaConf.create(result.stdout)
@@ -217,7 +218,7 @@ def test_resume_with_another_objective_is_refused(trained_run, tmp_path):
 
 
 
-@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+@pytest.mark.parametrize("objective", [pytest.param("ddpm", marks=pytest.mark.slow), "flow"])
 def test_resume_after_sigkill_is_bit_exact(tmp_path, objective):
     overrides = [*PINNED, f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=12", "train.batch_size=16", "train.log_every=1",
                  "train.ckpt_every=3", "train.keep_last=10", "sample.steps=2", "sample.per_class=1"]
@@ -272,7 +273,7 @@ def test_cooldown_is_logged_and_resumes_exactly(tmp_path):
 # Distributed
 # ------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+@pytest.mark.parametrize("objective", [pytest.param("ddpm", marks=pytest.mark.slow), "flow"])
 @pytest.mark.distributed
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, objective):
     overrides = [*PINNED, f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=2", "train.batch_size=16", "train.log_every=1",
@@ -364,6 +365,7 @@ def test_wandb_offline_run(tmp_path):
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run folder"
 
 
+@pytest.mark.slow   # subprocesses: over 10 s on 2 cores (the default suite stays near 5 minutes)
 def test_multirun_gives_each_run_its_own_run_dir(tmp_path):
     run_script([str(ROOT / "train.py"), "-m", "model=DiT-T-2,DiT-T-4", *TINY], cwd=tmp_path)
     run_dirs = sorted(p.name for p in (tmp_path / "runs" / "digits").iterdir())
