@@ -36,7 +36,7 @@ from diffusion.objectives import canonical_config
 from diffusion.repa import build_repa
 from diffusion.sampling import sample_images
 from evaluation.training import quality_line, training_scorer
-from models import build_model, build_vae, model_stats, optimizer_params
+from models import build_model, build_vae, model_stats, optimizer_params, with_width
 from utils.checkpoint import check_resume, list_checkpoints, load_for_resume, load_model_weights, save_on_main
 from utils.distributed import barrier, cleanup_distributed, setup_distributed
 from utils.ema import build_posthoc_ema, update_ema
@@ -48,7 +48,7 @@ from utils.logger import MetricsWindow, RunLogger, logged_row, truncate_metrics
 from utils.parallel import Trainables, load_optimizer_state, parallelize, sampling_model, training_state
 from utils.phema import write_snapshots
 from utils.runlock import RunLock
-from utils.schedule import cooldown_steps, learning_rate
+from utils.schedule import budget_steps, cooldown_steps, learning_rate
 from utils.speed import adamw, attention_backend, backward_context, forward_context, resolve_precision
 
 # run_dir suffix for sweeps over settings other than model/data: "runs/digits/DiT-S-2_optim.lr=0.0003".
@@ -60,7 +60,7 @@ OmegaConf.register_new_resolver("sweep_suffix", lambda s: "_" + s.replace("/", "
 NAMES_THE_RUN = ("seed", "precision", "model", "data.name", "data.image_size", "data.random_flip", "vae.name",
                  "vae.id", "vae.subfolder", "vae.scaling_factor", "vae.normalize", "vae.stats_images", "diffusion",
                  "optim.lr", "optim.betas", "optim.weight_decay", "optim.warmup_steps", "optim.cooldown_fraction",
-                 "optim.grad_clip", "train.batch_size", "train.class_dropout", "ema", "repa")
+                 "optim.grad_clip", "train.batch_size", "train.class_dropout", "train.flops", "ema", "repa")
 
 
 # ============================== Helpers =======================================
@@ -111,9 +111,9 @@ def step_batch(run, step):
 
 def model_args(cfg, dataset, objective, shape, vae=None):
     """What rebuilds the network (models.build_model; param sp | mup) and its VAE (None in pixel space); saved."""
+    kwargs = with_width(cfg.model.name, OmegaConf.to_container(cfg.model.kwargs, resolve=True), cfg.model.get("width"))
     return dict(name=cfg.model.name, input_size=shape[1], in_channels=shape[0], num_classes=dataset.num_classes,
-                learn_sigma=objective.learn_sigma, **OmegaConf.to_container(cfg.model.kwargs, resolve=True),
-                param=cfg.model.get("param", "sp"), base_width=cfg.model.get("base_width"),
+                learn_sigma=objective.learn_sigma, **kwargs, param=cfg.model.param, base_width=cfg.model.base_width,
                 vae=None if vae is None else vae.record(cfg.vae.path, cfg.vae.subfolder))
 
 
@@ -187,11 +187,10 @@ def log_window(run, progress):
     if not run.window.steps:
         return
     means, step_time = run.window.means(run.device, run.dist.world_size)
-    gflops = run.stats["gflops"]
     row = {"step": run.step, **means, "lr": run.opt.param_groups[0]["lr"],
-           "images_per_sec": run.global_batch / step_time, "step_time": step_time, "gflops": gflops,
+           "images_per_sec": run.global_batch / step_time, "step_time": step_time, "gflops": run.stats["gflops"],
            # Training compute as the paper counts it: Gflops x 3 (forward + backward) x batch x steps.
-           "train_compute_gflops": gflops * 3 * run.global_batch * run.step}
+           "train_compute_gflops": run.stats["gflops"] * 3 * run.global_batch * run.step}
     if run.dist.is_main:
         run.logger.log(row)
         progress.set_postfix(loss=f"{means['loss']:.4f}")
@@ -274,6 +273,7 @@ def setup(cfg, dist):
     model = build_model(run.args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     run.stats = model_stats(lambda: build_model(run.args), run.shape)
+    cfg.train.steps = budget_steps(cfg.train, run.stats["gflops"], run.global_batch)   # train.flops: a budget's steps
 
     # Resume from the newest checkpoint, on the CPU, the one rank 0 picks (weights load before wrapping or sharding).
     run.step, run.skipped, state = 0, 0, {}
@@ -316,7 +316,7 @@ def setup(cfg, dist):
     if dist.is_main:
         run.logger = RunLogger.for_run(cfg.run_dir, OmegaConf.to_container(cfg, resolve=True),
                                        OmegaConf.to_container(cfg.logger, resolve=True))
-        custom = ", ".join(f"{k}={v}" for k, v in cfg.model.kwargs.items())
+        custom = ", ".join(f"{k}={v}" for k, v in {**cfg.model.kwargs, "width": cfg.model.width}.items() if v is not None)
         print(f"{cfg.model.name}" + (f" ({custom})" if custom else "") + f": {run.stats['params'] / 1e6:.2f}M "
               f"parameters, {run.stats['gflops']:.3f} Gflops per image; input {'x'.join(map(str, run.shape))}" +
               (f" ({run.vae.identifier} latents)" if run.vae else "") + f"; run_dir={run.run_dir}, starting at "

@@ -3,6 +3,8 @@ training steps, model Gflops and training compute, one series and one power-law 
 
     python -m evaluation.scaling runs/scaling-digits                 # a sweep folder (searched recursively)
     python -m evaluation.scaling runs/a runs/b --out plots/ --metric mse --last 5 --wandb
+    python -m evaluation.scaling isoflop runs/isoflop-digits   # compute-optimal fits (evaluation/isoflop.py)
+    python -m evaluation.scaling lr runs/mup-lr-digits         # learning-rate transfer (evaluation/lr_transfer.py)
 
 A run folder is any folder holding `metrics.jsonl` (what train.py writes) and, beside it, `config.yaml` (the
 resolved config: model name and batch size). The quality metric is FID when every run logged one (in-loop FID
@@ -495,7 +497,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+SUBCOMMANDS = {"isoflop": "evaluation.isoflop", "lr": "evaluation.lr_transfer"}
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:  # `isoflop RUNS...` (compute-optimal fits), `lr RUNS...` (lr transfer)
+        import importlib
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = parse_args(argv)
     if args.last < 1:
         raise SystemExit("--last must be at least 1")

@@ -1,6 +1,6 @@
 """Networks. Every model is called as model(x, t, y) -> (N, C_out, H, W); id num_classes is the null class."""
 
-from .dit import BLOCK_TYPES, DIT_SIZES, DiT, DiT_models, LightningDiT_models
+from .dit import BLOCK_TYPES, DIT_SIZES, EXTRA_SIZES, LIGHTNINGDIT_SIZES, DiT, DiT_models, LightningDiT_models
 from .flops import count_params, forward_gflops, model_stats
 from .mup import optimizer_params, param_groups, parametrize
 from .unet import UNet_models
@@ -13,7 +13,7 @@ MODELS = {**DiT_models, **LightningDiT_models, **UNet_models}
 
 __all__ = ["BLOCK_TYPES", "DIT_SIZES", "DiT", "DiT_models", "LightningDiT_models", "MODELS", "UNet_models", "count_params",
            "VAE", "build_model", "build_vae", "create_model", "forward_gflops", "model_stats",
-           "optimizer_params", "param_groups"]
+           "optimizer_params", "param_groups", "with_width"]
 
 
 def create_model(name, **kwargs):
@@ -21,6 +21,29 @@ def create_model(name, **kwargs):
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     return MODELS[name](**kwargs)
+
+
+def with_width(name, kwargs, width=None):
+    """Model `name`'s constructor arguments `kwargs` (config model.kwargs) plus those that make it `width` wide
+    (config model.width; None: none): a DiT's hidden_size, with heads of the named size's width (num_heads = width /
+    head size: μP widens by adding heads of a fixed size), or a U-Net's model_channels (its heads are head_channels
+    wide already)."""
+    kwargs = dict(kwargs or {})
+    if width is None:
+        return kwargs
+    clash = sorted({"hidden_size", "num_heads", "model_channels"} & set(kwargs))
+    if clash:
+        raise ConfigError(f"model.width={width} sets the width; drop model.kwargs.{clash[0]} (or model.width)")
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    if name.startswith("UNet"):
+        return {**kwargs, "model_channels": int(width)}
+    size = {**DIT_SIZES, **EXTRA_SIZES, **LIGHTNINGDIT_SIZES}[name.split("-")[1].split("/")[0]]
+    head = size["hidden_size"] // size["num_heads"]
+    if width <= 0 or width % head:
+        raise ConfigError(f"model.width={width}: {name}'s heads are {head} wide, so its width must be a positive "
+                          f"multiple of {head}")
+    return {**kwargs, "hidden_size": int(width), "num_heads": int(width) // head}
 
 
 def build_model(model_args):

@@ -18,3 +18,18 @@ def cooldown_steps(fraction, total_steps):
         raise ConfigError(f"optim.cooldown_fraction={fraction} must be between 0 (a constant rate) and 1 (a decay "
                           f"over all of train.steps)")
     return round(fraction * total_steps)
+
+
+def budget_steps(train, gflops, batch_size):
+    """train.steps, or with a compute budget train.flops the steps it buys, in the DiT paper's unit: 3 x forward
+    multiply-adds per image x images, i.e. forward Gflops x 1e9 x 3 x batch x steps (hardware FLOPs are twice that)."""
+    flops = train.get("flops")
+    if flops is None:
+        return train["steps"]
+    if flops <= 0:
+        raise ConfigError(f"train.flops={flops} must be a positive training compute (or null: train.steps decides)")
+    steps = round(flops / (3 * gflops * 1e9 * batch_size))
+    if steps < 1:
+        raise ConfigError(f"train.flops={flops:.3g} buys no step of this model at batch {batch_size} "
+                          f"({3 * gflops * 1e9 * batch_size:.3g} per step): raise it or use a smaller model")
+    return steps
