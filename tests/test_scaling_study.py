@@ -118,3 +118,34 @@ def test_the_lr_sweeps_compose(name, widths):
     ws = [int(w) for w in widths.split(",")]
     assert max(ws) / min(ws) >= 4 and cfg.model.base_width == min(ws)
     with_width(cfg.model.name, cfg.model.kwargs, max(ws))   # every width builds
+
+
+@pytest.mark.parametrize("name, budgets", [("isoflop-digits", 4), ("isoflop-digits-unet", 4),
+                                           ("isoflop-imagenet256", 5), ("isoflop-imagenet256-unet", 5)])
+def test_the_isoflop_sweeps_compose_with_budgets_sizes_and_seeds_as_the_protocol_asks(name, budgets):
+    overrides = [f"experiment={name}"] + (["data.path=/nowhere", "eval.path=/nowhere"] if "imagenet" in name else [])
+    cfg = compose_config(overrides=overrides)
+    params = yaml.safe_load((ROOT / "conf" / "experiment" / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    flops = sorted(float(f) for f in params["train.flops"].split(","))
+    assert len(flops) == budgets and all(b / a >= 3 for a, b in zip(flops, flops[1:]))
+    widths = [int(w) for w in params["model.width"].split(",")]
+    assert len(widths) >= 5 and len(params["seed"].split(",")) >= 2
+    assert cfg.model.param == "mup" and cfg.model.base_width == min(widths) and cfg.optim.cooldown_fraction > 0
+    assert cfg.eval.every > 0 and cfg.logger.group == name.removesuffix("-unet")
+    for width in widths:   # every width of the grid builds, and every budget buys a step of the widest
+        kwargs = with_width(cfg.model.name, cfg.model.kwargs, width)
+    size = 32 if "imagenet" in name else 8
+    shape = (4, size, size) if "imagenet" in name else (1, 8, 8)
+    gflops = model_stats(lambda: build_model(dict(name=cfg.model.name, input_size=size, in_channels=shape[0],
+                                                  num_classes=10, learn_sigma=False, **kwargs)), shape)["gflops"]
+    assert budget_steps({"steps": 1, "flops": flops[0]}, gflops, cfg.train.batch_size) >= 10
+
+
+def test_the_mup_proxy_sweeps_five_base_rates_a_factor_two_apart():
+    cfg = compose_config(overrides=["experiment=mup-proxy-imagenet256", "data.path=/nowhere", "eval.path=/nowhere"])
+    params = yaml.safe_load((ROOT / "conf" / "experiment" / "mup-proxy-imagenet256.yaml").read_text())["hydra"][
+        "sweeper"]["params"]
+    lrs = sorted(float(v) for v in params["optim.lr"].split(","))
+    assert len(lrs) == 5 and all(b / a == 2 for a, b in zip(lrs, lrs[1:]))
+    assert cfg.model.width == cfg.model.base_width == 288 and cfg.model.param == "mup"
+    assert with_width(cfg.model.name, {}, 288) == {"hidden_size": 288, "num_heads": 4}   # μP-DiT's base: 4 x 72

@@ -273,10 +273,12 @@ def test_cooldown_is_logged_and_resumes_exactly(tmp_path):
 # Distributed
 # ------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("objective", [pytest.param("ddpm", marks=pytest.mark.slow), "flow"])
+@pytest.mark.parametrize("objective, param", [pytest.param("ddpm", "sp", marks=pytest.mark.slow), ("flow", "sp"),
+                                              pytest.param("flow", "mup", marks=pytest.mark.slow)])
 @pytest.mark.distributed
-def test_ddp_two_gloo_processes_match_one_process(tmp_path, objective):
-    overrides = [*PINNED, f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=2", "train.batch_size=16", "train.log_every=1",
+def test_ddp_two_gloo_processes_match_one_process(tmp_path, objective, param):
+    """Two processes train what one does; under μP too (its per-group learning rates, readout multiplier)."""
+    overrides = [*PINNED, f"diffusion={objective}", f"model.param={param}", "model.base_width=32", "logger=none", "device=cpu", "train.steps=2", "train.batch_size=16", "train.log_every=1",
                  "train.ckpt_every=2", "sample.steps=2", "sample.per_class=1"]
     run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "train.py",
                 *overrides, f"run_dir={tmp_path}/ddp"], env={"OMP_NUM_THREADS": "1"})
@@ -284,7 +286,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, objective):
     ddp, single = final_state(tmp_path / "ddp"), final_state(tmp_path / "single")
     for name in single["model"]:
         torch.testing.assert_close(ddp["model"][name], single["model"][name], rtol=1e-5, atol=1e-6)
-    assert ddp["config"]["train"]["batch_size"] == 16
+    assert ddp["config"]["train"]["batch_size"] == 16 and ddp["model_args"]["param"] == param
 
 
 # ------------------------------------------------------------------------------------------------------------
