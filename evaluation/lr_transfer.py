@@ -29,7 +29,7 @@ from utils.errors import ConfigError, MissingFile
 from utils.files import atomic_write_text
 from utils.logger import read_metrics
 
-from .scaling import FAMILY_STYLE, find_runs
+from .scaling import FAMILY_STYLE, _tidy_log_axes, find_runs
 
 METRICS = ("eval_loss", "eval_loss_ema")
 
@@ -150,6 +150,7 @@ def plot(groups, path, metric):
         ax.set(xscale="log", yscale="log", xlabel="learning rate" + (" (base, μP)" if g["param"] == "mup" else ""),
                ylabel=f"final {metric}", title=f"{g['family']}, {g['param']}: best rate spans "
                f"{g['spread_steps']:.0f} step(s)")
+        _tidy_log_axes(ax)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

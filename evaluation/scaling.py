@@ -7,10 +7,12 @@ training steps, model Gflops and training compute, one series and one power-law 
     python -m evaluation.scaling lr runs/mup-lr-digits         # learning-rate transfer (evaluation/lr_transfer.py)
 
 A run folder is any folder holding `metrics.jsonl` (what train.py writes) and, beside it, `config.yaml` (the
-resolved config: model name and batch size). The quality metric is FID when every run logged one (in-loop FID
-with any feature network: Inception, digits, DINOv2), else the training loss averaged over the last K logged rows (each row is already a mean over `train.log_every` steps):
-a single diffusion loss value is too noisy to compare models by. `--metric mse` uses the loss's MSE term
-alone, which leaves out the high-variance variational-bound term. Models are compared at one training step
+resolved config: model name and batch size). The quality metric is the evaluation loss when every run logged one
+(eval.every: fixed held-out images, times and noise, so it differs between runs only by their weights; `--metric
+eval_loss_ema` for the EMA's), else FID when every run logged one (in-loop FID with any feature network: Inception,
+digits, DINOv2), else the training loss averaged over the last K logged rows (each row is already a mean over
+`train.log_every` steps): a single training-loss value is too noisy to compare models by. `--metric mse` uses the
+loss's MSE term alone, which leaves out the high-variance variational-bound term. Models are compared at one training step
 (the last one every run reached, or --step), as the paper compares them at 400K steps. Training compute is
 counted as the paper does: forward Gflops per image x 3 (forward + backward) x batch x steps.
 
@@ -39,7 +41,8 @@ from .real_digits import digits_reference
 
 # Folders a run keeps beside metrics.jsonl that never hold other runs; skipped while searching.
 _SKIP_DIRS = {"checkpoints", "samples", "wandb", "__pycache__", ".git"}
-METRICS = ("auto", "fid", "loss", "mse")
+METRICS = ("auto", "eval_loss", "eval_loss_ema", "fid", "loss", "mse")
+EVAL_METRICS = ("eval_loss", "eval_loss_ema")   # fixed data, times and noise: compared as logged, never averaged
 
 
 #################################################################################
@@ -159,17 +162,23 @@ def load_runs(paths):
 #################################################################################
 
 def choose_metric(runs, metric="auto"):
-    """'auto': FID when every run logged it (the paper's measure), else the training loss."""
+    """'auto': the evaluation loss when every run logged it (eval.every: the low-variance measure the fits want),
+    else FID when every run logged it (the paper's measure), else the training loss."""
     if metric not in METRICS:
         raise ConfigError(f"metric={metric!r}; choose one of {', '.join(METRICS)}")
     if metric != "auto":
         return metric
-    return "fid" if all(any("fid" in r for r in run.rows) for run in runs) else "loss"
+    for candidate in ("eval_loss", "fid"):
+        if all(any(candidate in r for r in run.rows) for run in runs):
+            return candidate
+    return "loss"
 
 
 def metric_label(metric, last, features=None):
     if metric == "fid":
         return "FID" if features in (None, "inception") else f"FD ({features} features)"
+    if metric in EVAL_METRICS:
+        return "evaluation loss" + (" (EMA)" if metric == "eval_loss_ema" else "")
     term = "training loss" if metric == "loss" else "training MSE"
     return f"{term} (mean of last {last} logged rows)"
 
@@ -185,7 +194,7 @@ def curve(run, metric, last, max_step=None):
         return np.zeros(0), np.zeros(0), np.zeros(0)
     steps = np.array([r["step"] for r in rows], dtype=np.float64)
     values = np.array([r[metric] for r in rows], dtype=np.float64)
-    if metric != "fid" and last > 1:
+    if metric in ("loss", "mse") and last > 1:
         csum = np.concatenate([[0.0], np.cumsum(values)])
         lo = np.maximum(np.arange(1, len(values) + 1) - last, 0)
         values = (csum[1:] - csum[lo]) / (np.arange(1, len(values) + 1) - lo)

@@ -149,3 +149,20 @@ def test_the_mup_proxy_sweeps_five_base_rates_a_factor_two_apart():
     assert len(lrs) == 5 and all(b / a == 2 for a, b in zip(lrs, lrs[1:]))
     assert cfg.model.width == cfg.model.base_width == 288 and cfg.model.param == "mup"
     assert with_width(cfg.model.name, {}, 288) == {"hidden_size": 288, "num_heads": 4}   # μP-DiT's base: 4 x 72
+
+
+def test_the_collector_prefers_the_evaluation_loss_and_never_averages_it(tmp_path):
+    from evaluation import scaling
+    for name, gflops, losses in (("DiT-T-2", 0.04, [0.9, 0.6, 0.5]), ("DiT-S-2", 0.35, [0.8, 0.5, 0.4])):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": name.replace("-2", "/2")},
+                                                         "train": {"batch_size": 32}}))
+        rows = [{"step": 100 * (i + 1), "loss": 1.0, "gflops": gflops, "fid": 3.0 - i} for i in range(3)]
+        rows += [{"step": 100 * (i + 1), "eval_loss": v, "eval_loss_se": 0.01} for i, v in enumerate(losses)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = scaling.collect([tmp_path / "runs"], out_dir=tmp_path / "out", last=3)
+    assert result["metric"] == "eval_loss" and result["label"] == "evaluation loss"
+    assert sorted(r["value"] for r in result["records"]) == [0.4, 0.5]     # the last row's, not a mean of three
+    assert result["fits"]["gflops"]["b"] < 0
+    assert scaling.collect([tmp_path / "runs"], out_dir=tmp_path / "fid", metric="fid")["metric"] == "fid"
