@@ -848,6 +848,20 @@ def _family_style(family):
     return FAMILY_STYLE.get(family, ("^", ":", "tab:blue"))
 
 
+def _finish(ax):
+    """Plain log-axis labels, a light grid, a small legend."""
+    _tidy_log_axes(ax)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_isoflop(result, path):
     """One panel per family: loss against N, a colour per budget, a marker per seed, the parabolas and vertices."""
     import matplotlib.pyplot as plt
@@ -875,12 +889,8 @@ def plot_isoflop(result, path):
         ax.scatter([], [], marker="*", s=100, color="w", edgecolor="k", label="vertex (X: flagged)")
         ax.set(xscale="log", xlabel="parameters N", ylabel=result.get("metric", "eval_loss"),
                title=f"{family}: isoFLOP profiles")
-        _tidy_log_axes(ax)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        _finish(ax)
+    _save(fig, path)
 
 
 def plot_frontier(result, path):
@@ -915,12 +925,8 @@ def plot_frontier(result, path):
         ax.axvline(c["C"], color="grey", ls="--", lw=0.8, label=f"crossover C = {c['C']:.3g}")
     ax.set(xscale="log", yscale="log", xlabel="training compute C (3 × MACs × images)",
            ylabel=f"min {result.get('metric', 'eval_loss')}", title="compute-optimal frontier")
-    _tidy_log_axes(ax)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(ax)
+    _save(fig, path)
 
 
 def plot_optimal(result, path):
@@ -947,12 +953,8 @@ def plot_optimal(result, path):
                     label=f"{family}: approach 3 (C^{fit['approach3']['a' if q == 'N' else 'b']:.3f})")
         ax.set(xscale="log", yscale="log", xlabel="training compute C (3 × MACs × images)", ylabel=name,
                title=f"compute-optimal {name}")
-        _tidy_log_axes(ax)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        _finish(ax)
+    _save(fig, path)
 
 
 def plot_loss_vs_fd(result, path):
@@ -977,12 +979,8 @@ def plot_loss_vs_fd(result, path):
                 label=f"FD = {m['k']:.3g}·loss^{m['p']:.2f} (R² {m['r2']:.2f}, ρ {m['spearman']:.2f})")
     ax.set(xscale="log", yscale="log", xlabel=result.get("metric", "eval_loss"), ylabel=f"FD ({fd['features'][0]})",
            title="FD against evaluation loss (final checkpoints)")
-    _tidy_log_axes(ax)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(ax)
+    _save(fig, path)
 
 
 #################################################################################
