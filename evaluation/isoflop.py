@@ -173,8 +173,9 @@ def score_fd_draws(record, draws, num_samples=1000, features="digits", reference
         cached = out.with_name(f"{out.name}-{features}.json")
         row = json.loads(cached.read_text()) if cached.exists() else None
         if row is None or row.get("ckpt") != ckpt.name or row.get("reference") != str(reference):
-            subprocess.run([sys.executable, str(root / "sample.py"), f"ckpt={ckpt}", f"num_samples={num_samples}",
-                            f"seed={k}", f"out={out}", *sample_args], check=True, stdout=_stderr())
+            # Paths quoted for Hydra: sweep folders are named by their overrides ("...,seed=0,...").
+            subprocess.run([sys.executable, str(root / "sample.py"), f"ckpt='{ckpt}'", f"num_samples={num_samples}",
+                            f"seed={k}", f"out='{out}'", *sample_args], check=True, stdout=_stderr())
             result = evaluate(out / "samples.npz", reference, features=features, weights=weights, progress=False)
             row = {"fd": result["fid"], "seed": k, "num_samples": num_samples, "features": features,
                    "reference": str(reference), "ckpt": ckpt.name, "step": int(ckpt.stem)}

@@ -132,8 +132,9 @@ def score_final(run, features="digits", reference=None, num_samples=1000, weight
     row = json.loads(cached.read_text()) if cached.exists() else None
     if row is None or row.get("ckpt") != ckpt.name or row.get("fid_samples") != num_samples:
         root = Path(__file__).resolve().parents[1]
-        subprocess.run([sys.executable, str(root / "sample.py"), f"ckpt={ckpt}", f"num_samples={num_samples}",
-                        f"out={out}", *sample_args], check=True)
+        # Paths quoted for Hydra: sweep folders are named by their overrides ("DiT-S-2_optim.lr=0.001").
+        subprocess.run([sys.executable, str(root / "sample.py"), f"ckpt='{ckpt}'", f"num_samples={num_samples}",
+                        f"out='{out}'", *sample_args], check=True)
         if reference is None and features == "digits":
             reference = digits_reference()
         if reference is None:

@@ -361,10 +361,11 @@ def test_fd_draws_sample_each_seed_once_and_cache_the_score(tmp_path, monkeypatc
     monkeypatch.setattr(evaluation.evaluator, "evaluate",
                         lambda samples, ref, **kw: {"fid": 2.0 + int(samples.parent.name.split("seed")[1][0])})
     assert isoflop.score_fd_draws(record, 3, num_samples=500, reference="ref.npz") == [2.0, 3.0, 4.0]
-    assert [a[2:6] for a in calls] == [[f"ckpt={tmp_path / 'sweep' / record['run'] / 'checkpoints' / '0001000.pt'}",
+    # Paths quoted: Hydra's override grammar would split a sweep folder's name ("...,seed=0,...") at '=' and ','.
+    assert [a[2:6] for a in calls] == [[f"ckpt='{tmp_path / 'sweep' / record['run'] / 'checkpoints' / '0001000.pt'}'",
                                         "num_samples=500", f"seed={k}",
-                                        f"out={tmp_path / 'sweep' / record['run'] / 'samples'}"
-                                        f"/isoflop-fd-step1000-seed{k}-n500"] for k in range(3)]
+                                        f"out='{tmp_path / 'sweep' / record['run'] / 'samples'}"
+                                        f"/isoflop-fd-step1000-seed{k}-n500'"] for k in range(3)]
     assert record["fd"] == 3.0 and record["fd_draws"] == 3 and record["fd_se"] == pytest.approx(1 / math.sqrt(3))
     calls.clear()
     assert isoflop.score_fd_draws(record, 3, num_samples=500, reference="ref.npz") == [2.0, 3.0, 4.0]

@@ -141,11 +141,12 @@ def models_of(name):
 
 def test_sweep_configs_compose():
     # (experiment, models in its sweep, the file whose list it uses: the SiT studies inherit the DiT ones')
-    for name, n_models, source in (("scaling-digits", 12, "scaling-digits"), ("scaling-dit", 12, "scaling-dit"),
+    for name, n_models, source in (("scaling-digits", 6, "scaling-digits"), ("scaling-dit", 12, "scaling-dit"),
+                                   ("scaling-digits-unet", 6, "scaling-digits-unet"),
                                    ("scaling-dit-unet", 8, "scaling-dit-unet"), ("scaling-sit", 12, "scaling-dit"),
                                    ("scaling-sit-unet", 8, "scaling-sit-unet")):
         cfg = compose_config(overrides=[f"experiment={name}"])
-        assert cfg.logger.group == name
+        assert cfg.logger.group == name.removesuffix("-unet") if "digits" in name else cfg.logger.group == name
         models = models_of(source)
         assert len(models) == n_models and all((ROOT / "conf" / "model" / f"{m}.yaml").exists() for m in models)
     cfg = compose_config(overrides=["experiment=scaling-dit"])  # the paper's ImageNet 256 recipe, no guidance
@@ -153,9 +154,10 @@ def test_sweep_configs_compose():
     assert cfg.sample.cfg_scale == 1.0 and cfg.fid.every == 50000 and cfg.fid.num_samples == 5000
     cfg = compose_config(overrides=["experiment=scaling-sit"])  # the same study trained as SiT flows
     assert cfg.diffusion.objective == "flow" and cfg.diffusion.time_sampling == "uniform" and cfg.sample.sampler == "sde"
-    cfg = compose_config(overrides=["experiment=scaling-digits"])  # the CPU study: digits features, both families
-    assert cfg.fid.every and cfg.threads == 1 and any(m.startswith("UNet") for m in
-                                                        models_of("scaling-digits"))
+    for name, family, base in (("scaling-digits", "DiT", 32), ("scaling-digits-unet", "UNet", 16)):  # the CPU study
+        cfg = compose_config(overrides=[f"experiment={name}"])      # μP, the evaluation loss, final FD, one thread
+        assert cfg.model.param == "mup" and cfg.model.base_width == base and cfg.eval.every and cfg.fid.at_end
+        assert cfg.threads == 1 and all(m.startswith(family) for m in models_of(name))
 
 
 @pytest.mark.slow   # subprocesses: over 10 s on 2 cores (the default suite stays near 5 minutes)
