@@ -282,6 +282,8 @@ def fit_frontier(C, L, E=None):
     E_max = float(L.min()) * (1 - 1e-9)
     if E is not None:
         E_max = min(float(E), E_max)
+    if not E_max > 0:   # a vertex extrapolated far outside its sizes can put L* at or below zero
+        raise FitFailed(f"the frontier needs positive minimum losses, got min L* = {float(L.min()):.4g}")
 
     def solve(alpha):
         z = (C / C0) ** -alpha

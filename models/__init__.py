@@ -1,6 +1,8 @@
 """Networks. Every model is called as model(x, t, y) -> (N, C_out, H, W); id num_classes is the null class."""
 
 from .dit import BLOCK_TYPES, DIT_SIZES, EXTRA_SIZES, LIGHTNINGDIT_SIZES, DiT, DiT_models, LightningDiT_models
+from .ditdh import DiTDH, DiTDH_models
+from .jit import JiT, JiT_models
 from .flops import count_params, forward_gflops, model_stats
 from .mup import optimizer_params, param_groups, parametrize
 from .unet import UNet_models
@@ -9,9 +11,10 @@ from utils.errors import ConfigError
 
 # Every buildable model by name: "DiT-XL/2", "UNet-B", ... Each takes input_size, in_channels, num_classes,
 # learn_sigma (and its own extra keyword arguments).
-MODELS = {**DiT_models, **LightningDiT_models, **UNet_models}
+MODELS = {**DiT_models, **LightningDiT_models, **DiTDH_models, **JiT_models, **UNet_models}
 
 __all__ = ["BLOCK_TYPES", "DIT_SIZES", "DiT", "DiT_models", "LightningDiT_models", "MODELS", "UNet_models", "count_params",
+           "DiTDH", "DiTDH_models", "JiT", "JiT_models",
            "VAE", "build_model", "build_vae", "create_model", "forward_gflops", "model_stats",
            "optimizer_params", "param_groups", "with_width"]
 
@@ -38,7 +41,10 @@ def with_width(name, kwargs, width=None):
         raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     if name.startswith("UNet"):
         return {**kwargs, "model_channels": int(width)}
-    size = {**DIT_SIZES, **EXTRA_SIZES, **LIGHTNINGDIT_SIZES}[name.split("-")[1].split("/")[0]]
+    size = {**DIT_SIZES, **EXTRA_SIZES, **LIGHTNINGDIT_SIZES}.get(name.split("-")[1].split("/")[0])
+    if size is None or not name.startswith(("DiT-", "LightningDiT-")):
+        raise ConfigError(f"model.width is defined for the DiT, LightningDiT and U-Net sizes, not {name}; set its "
+                          f"widths in model.kwargs instead")
     head = size["hidden_size"] // size["num_heads"]
     if width <= 0 or width % head:
         raise ConfigError(f"model.width={width}: {name}'s heads are {head} wide, so its width must be a positive "

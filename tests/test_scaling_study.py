@@ -31,6 +31,8 @@ def test_a_dit_widens_by_heads_of_the_named_sizes_width():
         with_width("DiT-Mini/2", {}, 48)
     with pytest.raises(ConfigError, match="drop model.kwargs.hidden_size"):
         with_width("DiT-Mini/2", {"hidden_size": 64}, 64)
+    with pytest.raises(ConfigError, match="not JiT-H/16"):   # no size table of its own: widths go in model.kwargs
+        with_width("JiT-H/16", {}, 160)
 
 
 def test_a_budget_buys_the_steps_of_the_papers_unit():
