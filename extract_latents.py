@@ -1,4 +1,5 @@
-"""Extract a latent cache once: the VAE posterior of every image and of its mirror image, in .npy shards.
+"""Extract a latent cache once: the tokenizer's encoding (a VAE's posterior, or a deterministic encoder's latent) of
+every image and of its mirror image, in .npy shards.
 
     python extract_latents.py data.path=/data/imagenet/train out=/data/in256-sd-vae-ft-ema
     torchrun --nproc_per_node=8 extract_latents.py data.path=/data/imagenet/train data.image_size=512 \
@@ -7,12 +8,12 @@
 
 Each rank encodes a contiguous block of shards. A shard is written to a temporary file and renamed when
 complete, so re-running the same command after a crash or kill skips the finished shards and redoes the rest.
-manifest.json says what the cache holds (VAE, scaling factor, resolution, crop, counts) and is marked complete
-by whichever rank finishes last; training refuses an incomplete cache or one made with other settings.
+manifest.json says what the cache holds (tokenizer, scaling factor, resolution, crop, counts, encoding) and is marked
+complete, with the latents' statistics, by whichever rank finishes last; training refuses an incomplete cache or one
+made with other settings. What the cache will take on disk is printed before anything is written.
 Ranks never wait for each other, so a resumed run with uneven remaining work cannot hit a collective timeout.
 """
 
-import json
 from pathlib import Path
 
 import hydra
@@ -22,13 +23,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from data import ImageFolderDataset, build_dataset
-from data.latents import (LABELS, MANIFEST, ShardWriter, make_manifest, read_manifest, shard_path, shard_range,
-                          stats_path, write_labels, write_manifest)
-from models.vae import channel_stats, moment_sums
+from data.latents import (LABELS, MANIFEST, STATS, ShardWriter, cache_bytes, make_manifest, read_manifest, read_sums,
+                          shard_path, shard_range, stats_path, write_labels, write_manifest, write_sums)
+from models.vae import add_sums, latent_sums, norm_stats
 from models import build_vae
 from utils.distributed import setup_distributed
 from utils.errors import ConfigError, report_user_errors
-from utils.files import atomic_write_text
 
 
 def check_existing(out, manifest):
@@ -43,15 +43,31 @@ def check_existing(out, manifest):
                          f"choose another out= or the settings it was made with")
 
 
-def shard_sums(out, index):
-    """The moment sums of a finished shard, from its stats file, or read from the shard once and saved (caches
-    made before the statistics existed get them by re-running the same command)."""
+def shard_sums(out, index, stochastic, rows=256):
+    """The latent sums of a finished shard, from its stats file, or read from the shard once (in blocks of `rows`
+    images) and saved: caches made before the statistics existed get them by re-running the same command."""
     path = stats_path(out, index)
     if path.is_file():
-        return json.loads(path.read_text())
-    sums = moment_sums(torch.from_numpy(np.load(shard_path(out, index), mmap_mode="r")[:].astype(np.float32)))
-    atomic_write_text(path, json.dumps(sums))
+        return read_sums(path)
+    shard = np.load(shard_path(out, index), mmap_mode="r")
+    sums = add_sums(latent_sums(torch.from_numpy(shard[i:i + rows].astype(np.float32)), stochastic)
+                    for i in range(0, len(shard), rows))
+    write_sums(path, sums)
     return sums
+
+
+def size_text(nbytes):
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+
+
+def cost_line(manifest):
+    """What the cache will take on disk, said before anything is written."""
+    latents, repa = cache_bytes(manifest)
+    entry = "x".join(map(str, (2 * manifest["latent_channels"] if manifest["encoding"] == "posterior" else
+                               manifest["latent_channels"], manifest["latent_size"], manifest["latent_size"])))
+    return (f"latent cache on disk: {manifest['num_images']} images x 2 flips x {entry} {manifest['dtype']} "
+            f"({manifest['encoding']}) = {size_text(latents)}" + (f", + REPA features {size_text(repa)}" if repa else "")
+            + f"; total {size_text(latents + repa)}")
 
 
 @torch.no_grad()
@@ -63,7 +79,8 @@ def encode_features_both_flips(encoder, x):
 
 @torch.no_grad()
 def encode_both_flips(vae, x):
-    """Images (n, 3, H, W) -> (n, 2, 2C, h, w): posterior [mean; logvar] of each image as is and mirrored."""
+    """Images (n, 3, H, W) -> (n, 2, E, h, w): the encoding (posterior [mean; logvar], or a deterministic latent) of
+    each image as is and mirrored."""
     moments = vae.encode_moments(torch.cat([x, x.flip(-1)]))    # (2n, 2C, h, w)
     return torch.stack(moments.chunk(2), dim=1)
 
@@ -78,12 +95,10 @@ def extract(cfg):
                          f"data=imagefolder with data.path=...)")
     vae = build_vae(**cfg.vae)
     if vae is None:
-        raise ConfigError("vae=none: a latent cache needs a VAE (vae=sd-vae-ft-ema, sd-vae-ft-mse or local)")
+        raise ConfigError("vae=none: a latent cache needs a tokenizer (vae=sd-vae-ft-ema, ..., rae-dinov2-b or local: "
+                          "conf/vae/)")
     vae.to(device)
-    if cfg.data.image_size % vae.downsample:
-        raise ConfigError(f"data.image_size={cfg.data.image_size} is not divisible by the VAE's downsampling "
-                         f"factor {vae.downsample}")
-    latent_size = cfg.data.image_size // vae.downsample
+    _, latent_size, _ = vae.latent_shape(3, cfg.data.image_size)   # refuses sizes the tokenizer cannot take
     encoder, repa = None, None
     if cfg.repa.encoder:  # REPA's encoder features of both flips, stored beside the latents (float16)
         from diffusion.repa import build_encoder
@@ -94,8 +109,11 @@ def extract(cfg):
     manifest = make_manifest(vae=vae.identifier, scaling_factor=vae.scaling_factor, image_size=cfg.data.image_size,
                              latent_channels=vae.latent_channels, latent_size=latent_size, num_images=len(dataset),
                              classes=dataset.classes, shard_size=cfg.shard_size, dtype=cfg.dtype,
-                             source=Path(cfg.data.path).resolve(), repa=repa)
+                             source=Path(cfg.data.path).resolve(), repa=repa, shift_factor=vae.shift_factor,
+                             encoding="posterior" if vae.stochastic else "deterministic")
     check_existing(out, manifest)   # every rank checks before it writes anything
+    if dist.is_main:
+        print(cost_line(manifest), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / LABELS).is_file():  # every rank may write it (same content, atomically): there before any manifest
         write_labels(out, dataset.targets)
@@ -113,7 +131,7 @@ def extract(cfg):
             stale.unlink()
     todo = [i for i in mine if not shard_path(out, i).is_file()]
     indices = [j for i in todo for j in shard_range(i, cfg.shard_size, len(dataset))]
-    entry_shape = (2, 2 * vae.latent_channels, latent_size, latent_size)
+    entry_shape = (2, vae.encoding_channels, latent_size, latent_size)
     loader = DataLoader(Subset(dataset, indices), batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
                         pin_memory=device.type == "cuda")
     done = sum(len(shard_range(i, cfg.shard_size, len(dataset))) for i in mine) - len(indices)
@@ -141,16 +159,23 @@ def extract(cfg):
                 if features is not None:
                     features.commit()    # before the latents: a shard file on disk means the whole shard is done
                 writer.commit()
-                shard_sums(out, index)   # its channel statistics, while the shard is in the page cache
+                shard_sums(out, index, vae.stochastic)   # its statistics, while the shard is in the page cache
                 writer = features = None
     progress.close()
 
     # Whoever finds every shard on disk marks the cache complete (the last rank to finish always does), with the
-    # channel statistics of its latents (both flips; for vae.normalize=true), from each shard's moment sums.
+    # statistics of its latents (both flips; for vae.normalize), exact from each shard's latent sums: per element in
+    # stats.npz, per channel and over all elements in the manifest.
     if all(shard_path(out, i).is_file() for i in range(manifest["num_shards"])):
-        sums = [shard_sums(out, i) for i in range(manifest["num_shards"])]
-        mean, std = channel_stats(sums, vae.scaling_factor)
-        write_manifest(out, {**manifest, "channel_mean": mean, "channel_std": std, "complete": True})
+        sums = add_sums(shard_sums(out, i, vae.stochastic) for i in range(manifest["num_shards"]))
+        mean, std = norm_stats(sums, "channel", vae.shift_factor, vae.scaling_factor)
+        raw_mean, raw_std = norm_stats(sums, "shift-scale")            # of the raw latents, over all elements
+        element_mean = sums["sum"] / sums["count"]
+        write_sums(out / STATS, sums, mean=element_mean, var=np.clip(sums["sum_sq"] / sums["count"] -
+                                                                      element_mean ** 2, 0, None))
+        write_manifest(out, {**manifest, "channel_mean": mean, "channel_std": std, "latent_mean": raw_mean,
+                             "latent_std": raw_std, "data_scaling_factor": 1 / raw_std if raw_std else None,
+                             "stats": STATS, "complete": True})
         if dist.is_main:
             print(f"latent cache complete: {out} (train with data=latents data.path={out})")
     if torch.distributed.is_initialized():

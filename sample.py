@@ -155,8 +155,8 @@ def load_decoder(vae_cfg, info, channels):
     return vae
 
 
-TRAINING_ONLY = ("time_sampling", "time_mean", "time_std", "cosine_loss", "loss_weight", "train_eps", "use_kl",
-                 "rescale_learned_sigmas", "timestep_respacing")
+TRAINING_ONLY = ("time_sampling", "time_mean", "time_std", "time_shift", "cosine_loss", "loss_weight", "train_eps",
+                 "use_kl", "rescale_learned_sigmas", "timestep_respacing")
 
 
 def load_guide(cfg, info, device, set_aside):

@@ -32,7 +32,7 @@ from data.batches import apply_flips, batch_source, step_generator
 from data.latents import cache_channel_stats, input_shape
 from diffusion import build_objective
 from diffusion.eval_loss import build_eval_loss
-from diffusion.objectives import canonical_config
+from diffusion.objectives import attach_ema, canonical_config, network_kwargs
 from diffusion.repa import build_repa
 from diffusion.sampling import sample_images
 from evaluation.training import quality_line, training_scorer
@@ -104,7 +104,7 @@ def step_batch(run, step):
     with run.forward():  # REPA's targets: encoder features of the clean (flipped) images; a placeholder without REPA
         z = run.repa.targets(x, stored, flip) if run.repa is not None else torch.zeros(len(x), 0, device=device)
     if run.vae is not None:  # latent diffusion: z = (mean + std * eps) * scaling_factor, eps from this step
-        eps = torch.randn((n, *run.shape), generator=gen, device=device)[lo:lo + b]
+        eps = torch.randn((n, *run.shape), generator=gen, device=device)[lo:lo + b] if run.vae.stochastic else None
         x = run.vae.latents(x if run.cached else run.vae.encode_moments(x), eps)
     return x, t, y, noise, z
 
@@ -113,7 +113,7 @@ def model_args(cfg, dataset, objective, shape, vae=None):
     """What rebuilds the network (models.build_model; param sp | mup) and its VAE (None in pixel space); saved."""
     kwargs = with_width(cfg.model.name, OmegaConf.to_container(cfg.model.kwargs, resolve=True), cfg.model.get("width"))
     return dict(name=cfg.model.name, input_size=shape[1], in_channels=shape[0], num_classes=dataset.num_classes,
-                learn_sigma=objective.learn_sigma, **kwargs, param=cfg.model.param, base_width=cfg.model.base_width,
+                **network_kwargs(objective), **kwargs, param=cfg.model.param, base_width=cfg.model.base_width,
                 vae=None if vae is None else vae.record(cfg.vae.path, cfg.vae.subfolder))
 
 
@@ -290,7 +290,7 @@ def setup(cfg, dist):
         atomic_write_text(run.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         truncate_metrics(run.run_dir / "metrics.jsonl", run.step)
 
-    run.raw_model, run.ema = model, ema
+    run.raw_model, run.ema = model, attach_ema(run.objective, ema)   # shortcut models' targets: the EMA
     run.phema = build_posthoc_ema(model, cfg.ema.stds, cfg.ema.snapshot_every, run.global_batch, run.fsdp,
                                   state.pop("phema", None)) if cfg.ema.posthoc else None
     run.repa = build_repa(model, run.dataset, **cfg.repa, image_size=cfg.data.image_size, cache=cfg.data.path,

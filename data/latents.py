@@ -1,18 +1,25 @@
-"""The latent cache: the VAE posterior of every image and of its mirror image, in memory-mapped .npy shards.
+"""The latent cache: the tokenizer's encoding of every image and of its mirror image, in memory-mapped .npy shards.
 
 Written once by `extract_latents.py`, read by `data=latents`. A cache folder holds
 
-    manifest.json          what the cache is: VAE, scaling factor, resolution, crop, counts, layout (see make_manifest);
-                           once complete also the channel statistics of the latents (channel_mean, channel_std)
+    manifest.json          what the cache is: tokenizer, scaling and shift factors, resolution, crop, counts, encoding,
+                           layout (see make_manifest); once complete also statistics of the latents: channel_mean and
+                           channel_std (per channel, of the scaled latents), latent_mean / latent_std (all elements,
+                           raw latents; data_scaling_factor = 1 / latent_std, SD's recipe measured) and `stats`
+    stats.npz              per-element sums of the raw latents over both flips (count, sum, sum_sq; models.vae.
+                           latent_sums) and their mean and var: every normalisation derives from them exactly
     labels.npy             (num_images,) int64 class ids, in ImageFolder order (sorted class folders)
-    shard-00000.npy ...    (n, 2, 2C, h, w) float: image, flip (0 = as is, 1 = mirrored), [mean; log-variance], h, w
-    shard-00000.stats.json that shard's moment sums (models.vae.moment_sums), for the channel statistics
+    shard-00000.npy ...    (n, 2, E, h, w) float: image, flip (0 = as is, 1 = mirrored), encoding, h, w; the encoding
+                           is a posterior [mean; log-variance] (E = 2C, encoding "posterior") or a deterministic
+                           encoder's latent (E = C, encoding "deterministic": DC-AE, RAE)
+    shard-00000.stats.npz  that shard's latent sums, for the statistics
     shard-00000.repa.npy   with `repa.encoder=...` at extraction: (n, 2, T, d) float16 REPA encoder features of each
                            image as is and mirrored (manifest["repa"] names the encoder), so training need not run it
 
 Storing the posterior (mean, log-variance) rather than one sample keeps the VAE's noise: each training step
-draws its own sample z = mean + exp(logvar / 2) * eps, as on-the-fly encoding would. Storing both flips keeps
-random horizontal flips exact (the VAE is not mirror-equivariant, so flipping latents would not do).
+draws its own sample z = mean + exp(logvar / 2) * eps, as on-the-fly encoding would; a deterministic encoder's latent
+is stored as it is and nothing is drawn. Storing both flips keeps random horizontal flips exact (an encoder is not
+mirror-equivariant, so flipping latents would not do).
 Shards are opened lazily with np.load(mmap_mode="r") in each DataLoader worker, so the cache is never read
 into memory as a whole; the page cache keeps what is hot.
 """
@@ -34,6 +41,10 @@ LABELS = "labels.npy"
 CROP = "adm-center"        # data/imagefolder.py: center_crop_arr
 FLIPS = ["none", "horizontal"]
 DTYPES = ("float32", "float16")
+STATS = "stats.npz"
+ENCODINGS = ("posterior", "deterministic")
+LAYOUT = {"posterior": "shard-NNNNN.npy: (images, flip [none, horizontal], [mean; logvar] channels, h, w)",
+          "deterministic": "shard-NNNNN.npy: (images, flip [none, horizontal], latent channels, h, w)"}
 
 
 #################################################################################
@@ -46,8 +57,20 @@ def shard_path(root, index, part=""):
 
 
 def stats_path(root, index):
-    """The moment sums of shard `index` (written beside it)."""
-    return Path(root) / f"shard-{index:05d}.stats.json"
+    """The latent sums of shard `index` (written beside it)."""
+    return Path(root) / f"shard-{index:05d}.stats.npz"
+
+
+def write_sums(path, sums, **extra):
+    """Latent sums ({count, sum, sum_sq}, plus any arrays in `extra`) to an .npz, atomically."""
+    atomic_write(path, lambda tmp: np.savez(tmp, count=np.float64(sums["count"]), sum=sums["sum"],
+                                            sum_sq=sums["sum_sq"], **extra))
+
+
+def read_sums(path):
+    """The latent sums an .npz written by write_sums holds."""
+    with np.load(path) as f:
+        return {"count": float(f["count"]), "sum": f["sum"], "sum_sq": f["sum_sq"]}
 
 
 def shard_range(index, shard_size, num_images):
@@ -56,16 +79,35 @@ def shard_range(index, shard_size, num_images):
 
 
 def make_manifest(*, vae, scaling_factor, image_size, latent_channels, latent_size, num_images, classes,
-                  shard_size, dtype, source=None, repa=None):
+                  shard_size, dtype, source=None, repa=None, encoding="posterior", shift_factor=0.0):
     """The manifest of a cache (complete=False until every shard is on disk)."""
     if dtype not in DTYPES:
         raise ConfigError(f"latent cache dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return {"format": FORMAT, "vae": str(vae), "scaling_factor": float(scaling_factor), "image_size": int(image_size),
-            "crop": CROP, "flips": FLIPS, "latent_channels": int(latent_channels), "latent_size": int(latent_size),
+    return {"format": FORMAT, "vae": str(vae), "scaling_factor": float(scaling_factor),
+            "shift_factor": float(shift_factor), "image_size": int(image_size), "crop": CROP, "flips": FLIPS,
+            "latent_channels": int(latent_channels), "latent_size": int(latent_size), "encoding": encoding,
             "num_images": int(num_images), "num_classes": len(classes), "classes": list(classes),
             "shard_size": int(shard_size), "num_shards": math.ceil(num_images / shard_size), "dtype": dtype,
-            "layout": "shard-NNNNN.npy: (images, flip [none, horizontal], [mean; logvar] channels, h, w)",
-            "source": None if source is None else str(source), "repa": repa, "complete": False}
+            "layout": LAYOUT[encoding], "source": None if source is None else str(source), "repa": repa,
+            "complete": False}
+
+
+def with_defaults(manifest):
+    """A manifest with the keys of caches made before deterministic encoders and shifts (posteriors, shift 0)."""
+    return {"encoding": "posterior", "shift_factor": 0.0, **manifest}
+
+
+def entry_channels(manifest):
+    """Channels of a cache entry's encoding: 2C for a posterior, C for a deterministic latent."""
+    return manifest["latent_channels"] * (2 if with_defaults(manifest)["encoding"] == "posterior" else 1)
+
+
+def cache_bytes(manifest):
+    """(latent shards, REPA features) bytes on disk of the whole cache a manifest describes."""
+    n, size = manifest["num_images"], manifest["latent_size"]
+    latents = n * 2 * entry_channels(manifest) * size * size * np.dtype(manifest["dtype"]).itemsize
+    repa = manifest.get("repa")
+    return latents, (n * 2 * repa["tokens"] * repa["width"] * 2 if repa else 0)
 
 
 def write_manifest(root, manifest):
@@ -80,12 +122,13 @@ def write_labels(root, labels):
 
 
 def read_manifest(root):
-    """The manifest of the cache in folder `root`; a clear error when there is none."""
+    """The manifest of the cache in folder `root` (older caches' missing keys filled in); a clear error when there
+    is none."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise MissingFile(f"no latent cache at {root} (no {MANIFEST}); make one with "
                                 f"`python extract_latents.py data.path=/data/imagenet/train out={root}`")
-    return json.loads(path.read_text())
+    return with_defaults(json.loads(path.read_text()))
 
 
 def check_cache(manifest, *, vae, scaling_factor, image_size, source="the latent cache"):
@@ -149,9 +192,9 @@ class ShardWriter:
 #################################################################################
 
 class LatentCacheDataset(Dataset):
-    """Items are (moments, y): moments float32 (2, 2C, h, w) = [as is, mirrored] x [mean; log-variance], y the
-    class id. The training loop picks the flip and draws the posterior sample from its step generator, so a
-    resumed run replays them exactly.
+    """Items are (encodings, y): encodings float32 (2, E, h, w) = [as is, mirrored] x [mean; log-variance] (E = 2C)
+    or x the deterministic latent (E = C), y the class id. The training loop picks the flip and draws the posterior
+    sample (if any) from its step generator, so a resumed run replays them exactly.
 
     channels and image_size are the latents' (what the network sees); `resolution` is the images'.
     """
@@ -168,7 +211,8 @@ class LatentCacheDataset(Dataset):
             raise ConfigError(f"{self.root}: latent cache format {m.get('format')}, this code reads format {FORMAT}")
         self.num_classes, self.channels, self.image_size = m["num_classes"], m["latent_channels"], m["latent_size"]
         self.resolution, self.shard_size, self.num_images = m["image_size"], m["shard_size"], m["num_images"]
-        self.entry_shape = (2, 2 * self.channels, self.image_size, self.image_size)
+        self.encoding = m["encoding"]     # posterior | deterministic
+        self.entry_shape = (2, entry_channels(m), self.image_size, self.image_size)
         self.labels = np.load(self.root / LABELS)   # (num_images,) int64: small, kept in memory
         self._shards = {}   # (index, part) -> np.memmap, opened on first use in each process
         self.repa = m.get("repa")         # {"encoder", "tokens", "width"} when the cache holds REPA features
@@ -195,9 +239,9 @@ class LatentCacheDataset(Dataset):
         return self._shards[(index, part)]
 
     def __getitem__(self, i):
-        """(moments, y), or (moments, y, REPA features (2, T, d) float32) when with_repa_features is set."""
+        """(encodings, y), or (encodings, y, REPA features (2, T, d) float32) when with_repa_features is set."""
         index, row = divmod(i, self.shard_size)
-        moments = torch.from_numpy(np.array(self.shard(index)[row], dtype=np.float32))   # (2, 2C, h, w)
+        moments = torch.from_numpy(np.array(self.shard(index)[row], dtype=np.float32))   # (2, E, h, w)
         if not self.with_repa_features:
             return moments, int(self.labels[i])
         return moments, int(self.labels[i]), torch.from_numpy(np.array(self.shard(index, "repa")[row], dtype=np.float32))
@@ -212,10 +256,14 @@ def input_shape(dataset, vae=None):
 
 
 def cache_channel_stats(dataset, path):
-    """(mean, std) per latent channel recorded in a latent cache's manifest by extract_latents.py."""
-    if "channel_mean" not in dataset.manifest:
+    """The latent statistics a cache records, for VAE.set_channel_stats: (per-element latent sums from stats.npz,
+    None), from which every normalisation derives; or, for caches made before stats.npz, (mean, std) per channel."""
+    manifest = dataset.manifest
+    if "channel_mean" not in manifest:
         raise ConfigError(f"the latent cache {path} has no channel statistics (it was made before extract_latents.py "
                           f"recorded them); re-run the extract_latents.py command that made it (it adds them without "
                           f"encoding again), or set vae.normalize=false")
-    return dataset.manifest["channel_mean"], dataset.manifest["channel_std"]
+    if manifest.get("stats") and (dataset.root / manifest["stats"]).is_file():
+        return read_sums(dataset.root / manifest["stats"]), None
+    return manifest["channel_mean"], manifest["channel_std"]
 

@@ -11,8 +11,9 @@ distribution:
 - ddpm: t_i = floor((i + 1/2) T / K), K evenly spaced steps of the T; training draws t uniformly from {0..T-1}, so
   equal weights are that expectation (the objective's own loss: L_simple, + L_vb with a learned variance).
 - flow: t_i = t0 + (t1 - t0) F^-1((i + 1/2) / K), the midpoint quantiles of the training time density F
-  (uniform: u_i = (i + 1/2)/K; logit-normal: u_i = sigmoid(time_mean + time_std Phi^-1((i + 1/2)/K))), mapped into
-  the training interval [t0, t1] as FlowObjective.draw maps its draws; each grid point is equally likely.
+  (uniform: u_i = (i + 1/2)/K; logit-normal: u_i = sigmoid(time_mean + time_std Phi^-1((i + 1/2)/K))), then the
+  objective's time shift (the quantiles of the shifted density are the shifted quantiles: the shift is increasing),
+  mapped into the training interval [t0, t1] as FlowObjective.draw maps its draws; each grid point is equally likely.
 Noise: image j gets its K noise tensors (and, for latent data, its VAE posterior sample) from a generator seeded by
 (EVAL_SEED, j) on the CPU, whatever the rank, batch or step. Images are cut into chunks of `batch_size` at fixed
 global positions and each rank evaluates a contiguous run of chunks, so a chunk's forward pass is the same on any
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as torch_dist
 
 from data import DigitsDataset, ImageFolderDataset, LatentCacheDataset, check_cache
+from .transport import shift_time
 from utils.errors import ConfigError
 
 EVAL_SEED = 20_260_101          # the noise of image j comes from (EVAL_SEED, j): never from the training seed
@@ -36,8 +38,9 @@ BOOTSTRAP_SEED = 0
 BOOTSTRAP_RESAMPLES = 200
 
 
-def time_grid(objective, k):
-    """(t, weights): the K times (int64 steps for ddpm, float32 for flows) and their weights (float64, sum 1)."""
+def time_grid(objective, k, shape=None):
+    """(t, weights): the K times (int64 steps for ddpm, float32 for flows) and their weights (float64, sum 1);
+    shape: the data's (C, H, W), which a flow's time_shift=auto needs."""
     if k < 1:
         raise ConfigError(f"eval.times={k} must be at least 1")
     mid = [(i + 0.5) / k for i in range(k)]
@@ -51,6 +54,8 @@ def time_grid(objective, k):
         if objective.time_sampling == "logit_normal":
             normal = NormalDist()
             mid = [1 / (1 + np.exp(-(objective.time_mean + objective.time_std * normal.inv_cdf(u)))) for u in mid]
+        shift = 1 / objective.shift(shape)
+        mid = [shift_time(u, shift) for u in mid]   # shift = 1: the values themselves
         t = torch.tensor([u * (t1 - t0) + t0 for u in mid], dtype=torch.float32)
     return t, torch.full((k,), 1.0 / k, dtype=torch.float64)
 
@@ -92,7 +97,7 @@ class EvalLoss:
                               f"positive")
         self.objective, self.dataset, self.indices = objective, dataset, np.asarray(indices)
         self.shape, self.vae, self.cached, self.device, self.seed = tuple(shape), vae, cached, device, seed
-        self.t, self.weights = time_grid(objective, times)
+        self.t, self.weights = time_grid(objective, times, self.shape)
         self.world_size = world_size
         chunks = [np.arange(s, min(s + batch_size, len(indices))) for s in range(0, len(indices), batch_size)]
         self.chunks = [chunks[i] for i in np.array_split(np.arange(len(chunks)), world_size)[rank]]   # contiguous
@@ -158,6 +163,11 @@ def build_eval_loss(objective, dataset, vae, *, shape, data_name, image_size=Non
     also in the training set), and for any other data a clear refusal."""
     if not every:
         return None
+    if objective.name not in ("ddpm", "flow"):   # the one-step objectives (docs/onestep.md)
+        raise ConfigError(f"eval.every={every}: the evaluation loss is defined for diffusion=ddpm and flow only; "
+                          f"{objective.name}'s regression target is built from the network being trained (a JVP or "
+                          f"its own shortcuts), so the same loss at two checkpoints measures against two targets. "
+                          f"Set eval.every=0 and follow the few-step samples instead (fid.every)")
     cached = False
     if path is not None:
         if (Path(path) / "manifest.json").is_file():

@@ -9,6 +9,13 @@ REPA's MLP (Linear D->2048, SiLU, Linear 2048->2048, SiLU, Linear 2048->encoder 
 biases), trained with the network (its own optimizer with the same settings) and saved in the checkpoint, but not
 needed to sample. z_i come from the encoder under no_grad, so its weights never receive a gradient.
 
+iREPA (Singh et al. 2025, "What matters for Representation Alignment", arXiv 2512.10794, End2End-Diffusion/iREPA)
+changes two things, each an option here: `projector=conv`, one k x k convolution (k = 3) over the token grid instead
+of the MLP, so each projected token sees its neighbours; `spatial_norm=true`, the targets z normalised over the tokens
+of each image (z - gamma * mean, then / std), which removes what all patches share and leaves the spatial contrast.
+The normalisation acts on the targets as the loss sees them: after any resampling to the network's grid, on features
+from the encoder or from a cache (which stores them raw). Parity with the official code: tests/test_repa.py.
+
 Encoders (`repa.encoder`):
 - `digits`: the digits network's 4x4 grid of 128-d features (models/digits_net.py, the FD-digits network), DiT-Mini/2's
   token grid on the bundled 8x8 digits: REPA on a laptop, nothing to download.
@@ -34,6 +41,7 @@ from models.dinov2 import IMAGENET_MEAN, IMAGENET_STD, VARIANTS as DINOV2, build
 from utils.errors import ConfigError
 
 ENCODERS = ("digits", *(f"dinov2-vit-{k}" for k in DINOV2))
+PROJECTORS = ("mlp", "conv")
 
 
 def projector(hidden_size, projector_dim, z_dim, seed=0):
@@ -47,6 +55,45 @@ def projector(hidden_size, projector_dim, z_dim, seed=0):
             nn.init.xavier_uniform_(layer.weight, generator=generator)
             nn.init.zeros_(layer.bias)
     return mlp
+
+
+class ConvProjector(nn.Module):
+    """iREPA's projector: one kernel_size x kernel_size convolution, stride 1, zero padding that keeps the grid, over
+    the tokens laid out on the network's (h, w) grid (row-major, as patchify orders them). The layer is called
+    `projection_layer`, as in iREPA's ProjectionLayer, so the two state_dicts have the same keys. Its init is
+    PyTorch's default for Conv2d (iREPA keeps it: its init touches only Linear layers), from its own generator."""
+
+    def __init__(self, hidden_size, z_dim, grid, kernel_size=3, seed=0):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ConfigError(f"repa.projector_kernel={kernel_size}: the conv projector keeps the token grid with an "
+                              f"odd kernel only (iREPA: 3; 1 is a per-token linear map)")
+        self.grid = tuple(grid)
+        self.projection_layer = nn.Conv2d(hidden_size, z_dim, kernel_size, padding=kernel_size // 2)
+        generator = torch.Generator().manual_seed(seed)
+        nn.init.kaiming_uniform_(self.projection_layer.weight, a=math.sqrt(5), generator=generator)
+        bound = 1 / math.sqrt(hidden_size * kernel_size ** 2)                 # 1 / sqrt(fan_in)
+        nn.init.uniform_(self.projection_layer.bias, -bound, bound, generator=generator)
+
+    def forward(self, h):
+        n, _, d = h.shape                                                    # (N, T = h * w, D)
+        maps = h.transpose(1, 2).reshape(n, d, *self.grid)                  # (N, D, h, w)
+        return self.projection_layer(maps).flatten(2).transpose(1, 2)       # (N, T, z_dim)
+
+
+def build_projector(kind, hidden_size, projector_dim, z_dim, grid, kernel_size=3, seed=0):
+    """`repa.projector`: REPA's MLP (mlp; projector_dim wide) or iREPA's convolution (conv; kernel_size)."""
+    if kind == "conv":
+        return ConvProjector(hidden_size, z_dim, grid, kernel_size, seed)
+    return projector(hidden_size, projector_dim, z_dim, seed)
+
+
+def spatial_normalize(z, gamma=0.6, eps=1e-6):
+    """iREPA's spatial normalisation of encoder tokens (N, T, d), per image and channel over the T tokens:
+    (z - gamma * mean) / (std + eps), std with Bessel's correction (torch.std), in float32. gamma = 0.6 is iREPA's
+    latent-diffusion default (its pixel-space JiT script: 0.8)."""
+    z = z.float()
+    return (z - gamma * z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + eps)
 
 
 def alignment_loss(projected, target):
@@ -118,7 +165,8 @@ class REPA:
     pass. Holds the projector and, once started, its optimizer `opt`."""
 
     def __init__(self, model, encoder, depth=8, coeff=0.5, projector_dim=2048, weights=None, image_size=256,
-                 device="cpu", stored_width=None, seed=0):
+                 device="cpu", stored_width=None, seed=0, projector="mlp", projector_kernel=3, spatial_norm=False,
+                 spatial_norm_gamma=0.6):
         blocks = getattr(model, "blocks", None)
         if blocks is None:
             raise ConfigError(f"repa aligns a transformer block's tokens; {type(model).__name__} has no blocks "
@@ -129,13 +177,19 @@ class REPA:
         if not 1 <= depth <= len(blocks):
             raise ConfigError(f"repa.depth={depth} but the model has {len(blocks)} blocks; choose 1..{len(blocks)} "
                              f"(REPA aligns block 8 of SiT-XL/2's 28; DiT-Mini/2 on the digits: 2)")
+        if projector not in PROJECTORS:
+            raise ConfigError(f"unknown repa.projector={projector!r}; choose mlp (REPA) or conv (iREPA)")
         # With features stored in a latent cache (stored_width = their width), no encoder is loaded.
         self.encoder = None if stored_width else build_encoder(encoder, weights=weights, resolution=image_size,
                                                                device=device)
         self.name, self.depth, self.coeff = encoder, depth, coeff
+        self.spatial_norm, self.spatial_norm_gamma = spatial_norm, spatial_norm_gamma
         self.grid = tuple(model.grid_size)
-        width = stored_width or self.encoder.width
-        self.projector = projector(model.pos_embed.shape[-1], projector_dim, width, seed).to(device)
+        if spatial_norm and self.grid[0] * self.grid[1] < 2:
+            raise ConfigError("repa.spatial_norm=true normalises over the tokens of an image; this network has one")
+        width, hidden_size = stored_width or self.encoder.width, model.pos_embed.shape[-1]
+        self.projector = build_projector(projector, hidden_size, projector_dim, width, self.grid, projector_kernel,
+                                         seed).to(device)
         self.module = self.projector     # what the loop calls: the projector, or its DDP wrapper
         self.opt = None
         self.hidden = None
@@ -176,12 +230,14 @@ class REPA:
         return self.on_grid(self.encoder(images))
 
     def on_grid(self, z):
+        """Encoder tokens (N, T, d) -> the targets: on the network's grid, then spatially normalised if asked."""
         if z.shape[1] != self.grid[0] * self.grid[1] and not self._warned:
             side = math.isqrt(z.shape[1])
             warnings.warn(f"REPA: the encoder {self.name} gives a {side}x{side} token grid and the network "
                           f"{self.grid[0]}x{self.grid[1]}; the encoder features are resampled to the network's grid")
             self._warned = True
-        return resample_tokens(z, self.grid)
+        z = resample_tokens(z, self.grid)
+        return spatial_normalize(z, self.spatial_norm_gamma) if self.spatial_norm else z
 
     def add_loss(self, losses, z):
         """The objective's per-sample losses plus coeff * alignment; the two parts are also returned on their own
@@ -189,7 +245,8 @@ class REPA:
         hidden, self.hidden = self.hidden, None
         if hidden is None:
             raise RuntimeError(f"REPA: block {self.depth} did not run in this forward pass")
-        repa = alignment_loss(self.module(hidden.to(self.projector[0].weight.dtype)), z)
+        dtype = next(self.projector.parameters()).dtype
+        repa = alignment_loss(self.module(hidden.to(dtype)), z)
         return {**losses, "loss": losses["loss"] + self.coeff * repa, "objective_loss": losses["loss"],
                 "repa_loss": repa}
 
@@ -198,10 +255,11 @@ class REPA:
 
 
 def build_repa(model, dataset, encoder=None, depth=8, coeff=0.5, projector_dim=2048, weights=None, image_size=256,
-               cache=None, device="cpu", seed=0):
+               cache=None, device="cpu", seed=0, projector="mlp", projector_kernel=3, spatial_norm=False,
+               spatial_norm_gamma=0.6):
     """REPA's term for training `model` on `dataset` (conf/train.yaml's repa settings), or None when encoder is None.
     On a latent cache (no images to encode) the cache must hold this encoder's features; they are then read with
-    the latents and no encoder is loaded."""
+    the latents and no encoder is loaded (the cache holds them raw: spatial_norm applies when they are read)."""
     if not encoder:
         return None
     stored = None
@@ -215,5 +273,6 @@ def build_repa(model, dataset, encoder=None, depth=8, coeff=0.5, projector_dim=2
         dataset.with_repa_features = True
     return REPA(model, encoder, depth=depth, coeff=coeff, projector_dim=projector_dim, weights=weights,
                 image_size=dataset.resolution if stored else image_size, device=device,
-                stored_width=stored and stored["width"], seed=seed)
+                stored_width=stored and stored["width"], seed=seed, projector=projector,
+                projector_kernel=projector_kernel, spatial_norm=spatial_norm, spatial_norm_gamma=spatial_norm_gamma)
 

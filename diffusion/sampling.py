@@ -2,8 +2,10 @@
 
     x = sample(model, noise, labels, null_class=10, diffusion_kwargs=ckpt["config"]["diffusion"], sampler="ode")
 
-The diffusion config recorded with a model says which objective trained it (DDPM or flow); the sampler must fit
-it: ddpm / ddim / dpm-solver++ for DDPM models, ode / sde for flow models.
+The diffusion config recorded with a model says which objective trained it (DDPM, flow or a one-step objective);
+the sampler must fit it: ddpm / ddim / dpm-solver++ for DDPM models, ode / sde for flow models, meanflow (`steps`
+jumps, 1 by default) for MeanFlow models, shortcut (`steps` = 2^k Euler steps of the step size the model was
+told, 1 by default) for shortcut models (docs/onestep.md).
 """
 
 import math
@@ -20,11 +22,14 @@ from .transport import Sampler
 from utils.errors import ConfigError
 from utils.images import to_uint8
 
-SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm-solver++"), "flow": ("ode", "sde")}
+SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpm-solver++"), "flow": ("ode", "sde"), "meanflow": ("meanflow",),
+            "shortcut": ("shortcut",)}
+# The one-step objectives sample with their own few-step samplers (objective.sample): jumps, not an integrator.
+FEW_STEP = ("meanflow", "shortcut")
 # Steps when none are given: DiT's DDPM-250, DDIM-50, DPM-Solver++ 20; SiT's ODE (50 grid points) and SDE-250.
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver++": 20, "ode": 50, "sde": 250}
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver++": 20, "ode": 50, "sde": 250, "meanflow": 1, "shortcut": 1}
 # What sampler="auto" picks for each objective.
-DEFAULT_SAMPLER = {"ddpm": "ddpm", "flow": "ode"}
+DEFAULT_SAMPLER = {"ddpm": "ddpm", "flow": "ode", "meanflow": "meanflow", "shortcut": "shortcut"}
 ODE_METHOD_ALIASES = {"heun": "heun2"}  # torchdiffeq's name for Heun's 2nd-order method
 ODE_DEFAULTS = dict(method="heun", atol=1e-6, rtol=1e-3)
 SDE_DEFAULTS = dict(method="Euler", diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean", last_step_size=0.04)
@@ -39,8 +44,11 @@ def resolve_sampler(diffusion_kwargs, sampler="auto", steps=None):
         known = [s for names in SAMPLERS.values() for s in names]
         if sampler not in known:
             raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(known)} (or auto)")
-        why = ("a flow model has no discrete DDPM process to run" if objective == "flow" else
-               "a DDPM model's probability-flow ODE is what ddim (eta=0) and dpm-solver++ integrate")
+        why = {"flow": "a flow model has no discrete DDPM process to run",
+               "ddpm": "a DDPM model's probability-flow ODE is what ddim (eta=0) and dpm-solver++ integrate"}.get(
+            objective, "a one-step model predicts jumps between two times, not a velocity or noise to integrate")
+        if sampler in FEW_STEP:
+            why = f"sampler={sampler} takes the jumps of a network trained with diffusion={sampler}"
         raise ConfigError(f"sampler={sampler} does not fit a model trained with diffusion.objective={objective} ({why}); "
                          f"use sampler={' | '.join(SAMPLERS[objective])} or sampler=auto")
     return sampler, DEFAULT_STEPS[sampler] if steps is None else int(steps)
@@ -79,7 +87,7 @@ def sample_images(model, indices, labels, *, seed, shape, device, decoder=None, 
 
 
 def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_scale=1.0, cfg_channels=None,
-           guidance_low=None, guidance_high=None, eta=0.0, clip_denoised=False, diffusion_kwargs=None, time_shift=1.0,
+           guidance_low=None, guidance_high=None, eta=0.0, clip_denoised=False, diffusion_kwargs=None, time_shift=None,
            ode=None, sde=None, generator=None, progress=False, guidance="cfg", guide_model=None, objective=None):
     """Draw x_0 (DDPM) or x_1 (flow) from the given starting noise, conditioned on `labels`.
 
@@ -89,10 +97,13 @@ def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_
     sampler / steps: see resolve_sampler. DDPM samplers respace the training process to `steps`; for flows,
         `steps` is SiT's num_steps (grid points: euler takes steps - 1 updates, the SDE steps - 1 plus a last step).
     guidance_low / guidance_high: guide only while the model time is inside [low, high] (None: unbounded), in the
-        sampler's own time: DDPM step indices 0..T-1 (T-1 = noise), flow t in [0, 1] (1 = data); see
-        classifier_free_guidance.
+        sampler's own time: DDPM step indices 0..T-1 (T-1 = noise), flow t in [0, 1] (1 = data), MeanFlow's t of
+        each jump's start (1 = noise), a shortcut model's t (1 = data); see classifier_free_guidance.
     clip_denoised: clamp to [-1, 1] (right for pixels, wrong for VAE latents).
-    time_shift: flows only, LightningDiT's grid shift (transport.shift_time; 1 = none).
+    time_shift: flows only, the sampling grid's shift a in LightningDiT's parametrisation (transport.shift_time on
+        SiT time: a < 1 toward noise, 1 = none; LightningDiT samples with 0.3). None: the shift the model was trained
+        with, a = 1 / s for the objective's diffusion.time_shift s (SD3's / RAE's parametrisation; "auto" from the
+        noise's shape), so a model trained with no shift samples on an unshifted grid.
     ode: dict(method, atol, rtol) for sampler="ode"; sde: dict(method, diffusion_form, diffusion_norm, last_step,
         last_step_size) for sampler="sde"; missing keys take ODE_DEFAULTS / SDE_DEFAULTS.
     generator: a torch.Generator for the SDE's noise (flows; default: torch's global RNG).
@@ -105,6 +116,13 @@ def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_
     interval = (-math.inf if guidance_low is None else guidance_low, math.inf if guidance_high is None else guidance_high)
     if guidance not in ("cfg", "auto") or (guidance == "auto") != (guide_model is not None):
         raise ConfigError(f"guidance={guidance!r}: use guidance=cfg, or guidance=auto with a guide model (guide_ckpt=...)")
+    if sampler in FEW_STEP:   # the objective's own jumps; classifier-free guidance on each jump's network output
+        if guidance == "auto":
+            raise ConfigError(f"guidance=auto is not implemented for sampler={sampler}; use guidance=cfg")
+        objective = objective if objective is not None else build_objective(diffusion_kwargs)
+        x = objective.sample(model, noise, labels, steps, guide=lambda fn: classifier_free_guidance(
+            fn, cfg_scale, null_class, cfg_channels, interval), progress=progress)
+        return x.clamp(-1, 1) if clip_denoised else x
     if sampler not in SAMPLERS["flow"]:
         objective = None
     elif objective is None:
@@ -116,6 +134,8 @@ def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_
         guide = lambda network: classifier_free_guidance(network, cfg_scale, null_class, cfg_channels, interval)
     if objective is not None:
         fn = guide(as_fn(model))   # guidance sees SiT time
+        if time_shift is None:   # follow training: the same map, its grid parametrisation (transport.py)
+            time_shift = 1 / objective.shift(tuple(noise.shape[1:]))
         x = flow_sample(objective.transport, fn, noise, labels, sampler, steps, time_shift, ode, sde, generator,
                         progress)
         return x.clamp(-1, 1) if clip_denoised else x
@@ -131,7 +151,8 @@ def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_
 
 def flow_sample(transport, model_fn, noise, labels, sampler, steps, time_shift=1.0, ode=None, sde=None,
                 generator=None, progress=False):
-    """The final state of SiT's ODE or SDE sampler from `noise` (t = 0) to data."""
+    """The final state of SiT's ODE or SDE sampler from `noise` (t = 0) to data; time_shift: the grid's shift a
+    (transport.shift_interval; 1 = none)."""
     model_fn = _with_progress(model_fn, progress)
     if sampler == "ode":
         options = {**ODE_DEFAULTS, **(ode or {})}

@@ -3,8 +3,10 @@
 sample_ode_likelihood`.
 
 Conventions are SiT's at this interface: t = 0 is noise x0, t = 1 is data x1, the network sees the raw t in [0, 1],
-a model predicts the velocity, the score or the noise. For the same model function, data and torch RNG state the
-losses and samplers here equal SiT's (tests/test_transport_parity.py), with three things SiT gets wrong mended:
+a model predicts the velocity, the score or the noise, or (prediction="x", not in SiT) the clean data x1 itself, as
+JiT does (Li & He 2025, 2511.13720, "Back to Basics: Let Denoising Generative Models Denoise"; see
+`velocity_from_data`). For the same model function, data and torch RNG state the losses and samplers here equal
+SiT's (tests/test_transport_parity.py), with three things SiT gets wrong mended:
 
 - `diffusion_form="SBDM"` with a velocity model on the Linear or GVP path starts the SDE at t = 0, where the SBDM
   diffusion D(t) is infinite (every sample is NaN); here it starts at t = SBDM_T0 instead.
@@ -22,10 +24,11 @@ import torch
 from torchdiffeq import odeint
 
 from .losses import mean_flat
-from .paths import DIFFUSION_FORMS, PATHS, GVPPath, LinearPath, VPPath, expand_t_like_x
+from .paths import DIFFUSION_FORMS, GVPPath, LinearPath, VPPath, expand_t_like_x
 from utils.errors import ConfigError
 
 SBDM_T0 = 1e-3   # where the SBDM SDE of a velocity model starts (the eps SiT itself uses for score/noise models)
+JIT_T_EPS = 5e-2  # JiT's --t_eps: x-prediction's conversion to a velocity divides by max(sigma_t, t_eps)
 
 
 class ModelType(enum.Enum):
@@ -33,6 +36,7 @@ class ModelType(enum.Enum):
     NOISE = enum.auto()     # eps = x0
     SCORE = enum.auto()     # grad log p_t(x)
     VELOCITY = enum.auto()  # d x_t / dt
+    DATA = enum.auto()      # the clean sample x1 (JiT's x-prediction), trained with a loss on the velocity it implies
 
 
 class PathType(enum.Enum):
@@ -49,19 +53,25 @@ class WeightType(enum.Enum):
 
 
 _PATH_CLASSES = {PathType.LINEAR: LinearPath, PathType.GVP: GVPPath, PathType.VP: VPPath}
-PREDICTIONS = {"velocity": ModelType.VELOCITY, "score": ModelType.SCORE, "noise": ModelType.NOISE}
+PREDICTIONS = {"velocity": ModelType.VELOCITY, "score": ModelType.SCORE, "noise": ModelType.NOISE, "x": ModelType.DATA}
+# Predictions whose drift is regular at both ends of a Linear or GVP path: trained and sampled on all of [0, 1].
+_REGULAR = (ModelType.VELOCITY, ModelType.DATA)
 LOSS_WEIGHTS = {None: WeightType.NONE, "velocity": WeightType.VELOCITY, "likelihood": WeightType.LIKELIHOOD}
 _PATH_TYPES = {"Linear": PathType.LINEAR, "GVP": PathType.GVP, "VP": PathType.VP}
 
 
-def create_transport(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None):
-    """SiT's factory. path_type: Linear | GVP | VP; prediction: velocity | score | noise; loss_weight: None |
-    velocity | likelihood (noise and score models only); train_eps / sample_eps: how far training times and
-    sampling grids stay from the singular ends.
+def create_transport(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None,
+                     t_eps=JIT_T_EPS):
+    """SiT's factory. path_type: Linear | GVP | VP; prediction: velocity | score | noise | x (JiT: the clean data);
+    loss_weight: None | velocity | likelihood (noise and score models only); train_eps / sample_eps: how far
+    training times and sampling grids stay from the singular ends; t_eps: x-prediction only, the floor of the
+    sigma_t its velocity divides by (JiT's --t_eps, 0.05; on Linear sigma_t = 1 - t).
 
     Defaults as SiT's: a velocity model on Linear or GVP is regular everywhere, so both eps are 0 (given values
     are ignored); noise and score models there use 1e-3; VP trains on [0, 1 - 1e-5] and samples to 1 - 1e-3.
     As in SiT, a given sample_eps counts only together with a given train_eps (alone it is replaced by 1e-3).
+    An x-prediction model is treated as a velocity model (JiT trains and samples t on all of [0, 1]: the floor
+    t_eps keeps its velocity finite at the data end).
     """
     if path_type not in _PATH_TYPES:
         raise ConfigError(f"unknown path_type {path_type!r}; choose one of {', '.join(_PATH_TYPES)}")
@@ -70,7 +80,12 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
     if loss_weight not in LOSS_WEIGHTS:
         raise ConfigError(f"unknown loss_weight {loss_weight!r}; choose None, velocity or likelihood")
     path, model_type = _PATH_TYPES[path_type], PREDICTIONS[prediction]
-    if path == PathType.VP or model_type != ModelType.VELOCITY:
+    if model_type == ModelType.DATA and loss_weight is not None:
+        raise ConfigError(f"loss_weight={loss_weight!r} weights score and noise losses; prediction=x is trained with "
+                         f"JiT's unweighted velocity loss: set loss_weight=None")
+    if isinstance(t_eps, bool) or not isinstance(t_eps, (int, float)) or not 0 < t_eps < 1:
+        raise ConfigError(f"t_eps={t_eps!r}: give a number in (0, 1) (JiT: 0.05)")
+    if path == PathType.VP or model_type not in _REGULAR:
         default_train_eps = 1e-5 if path == PathType.VP else 1e-3
         # SiT leaves sample_eps None (and its samplers crash) when only train_eps is given; 1e-3 here.
         sample_eps = 1e-3 if train_eps is None or sample_eps is None else sample_eps
@@ -78,16 +93,16 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
     else:
         train_eps, sample_eps = 0, 0
     return Transport(model_type=model_type, path_type=path, loss_type=LOSS_WEIGHTS[loss_weight],
-                     train_eps=train_eps, sample_eps=sample_eps)
+                     train_eps=train_eps, sample_eps=sample_eps, t_eps=t_eps)
 
 
 class Transport:
     """The interpolant objective: its training loss and the drift, score and diffusion the samplers integrate."""
 
-    def __init__(self, *, model_type, path_type, loss_type, train_eps, sample_eps):
+    def __init__(self, *, model_type, path_type, loss_type, train_eps, sample_eps, t_eps=JIT_T_EPS):
         self.model_type, self.path_type, self.loss_type = model_type, path_type, loss_type
         self.path_sampler = _PATH_CLASSES[path_type]()
-        self.train_eps, self.sample_eps = train_eps, sample_eps
+        self.train_eps, self.sample_eps, self.t_eps = train_eps, sample_eps, t_eps
 
     def prior_logp(self, z):
         """log N(z; 0, I) per sample, in nats."""
@@ -101,8 +116,8 @@ class Transport:
         eps = sample_eps if eval else train_eps
         if self.path_type == PathType.VP:
             t1 = 1 - eps if not sde or last_step_size == 0 else 1 - last_step_size
-        elif self.model_type != ModelType.VELOCITY or sde:
-            t0 = eps if (diffusion_form == "SBDM" and sde) or self.model_type != ModelType.VELOCITY else 0
+        elif self.model_type not in _REGULAR or sde:
+            t0 = eps if (diffusion_form == "SBDM" and sde) or self.model_type not in _REGULAR else 0
             t1 = 1 - eps if not sde or last_step_size == 0 else 1 - last_step_size
         if reverse:
             t0, t1 = 1 - t0, 1 - t1
@@ -129,6 +144,11 @@ class Transport:
                              f"predicts one value per input value (build it with learn_sigma=False)")
         if self.model_type == ModelType.VELOCITY:
             return {"loss": mean_flat((pred - ut) ** 2), "pred": pred}
+        if self.model_type == ModelType.DATA:
+            # JiT's loss: both velocities through the same conversion, so its floor t_eps applies to both; where
+            # sigma_t >= t_eps the target is u_t itself, and the loss is a weighted x-loss A^2 |x_hat - x1|^2 / sigma^2.
+            target = self.velocity_from_data(x1, xt, t)
+            return {"loss": mean_flat((self.velocity_from_data(pred, xt, t) - target) ** 2), "pred": pred}
         _, d = self.path_sampler.compute_drift(xt, t)
         sigma_t, _ = self.path_sampler.compute_sigma_t(expand_t_like_x(t, xt))
         weight = {WeightType.NONE: 1, WeightType.VELOCITY: (d / sigma_t) ** 2,
@@ -139,11 +159,28 @@ class Transport:
 
     # ---- what the samplers integrate, from one network output ----------------------------------------------
 
+    def velocity_from_data(self, x_hat, x, t):
+        """The velocity an x-prediction x_hat implies at (x, t): with the noise it implies, eps = (x - alpha x_hat) /
+        sigma, v = alpha' x_hat + sigma' eps = ((alpha' sigma - sigma' alpha) x_hat + sigma' x) / sigma, where the
+        last sigma is floored at t_eps (JiT's clamp_min: finite at the data end). On the Linear path (alpha = t,
+        sigma = 1 - t) this is JiT's v = (x_hat - x) / max(1 - t, t_eps) exactly; on GVP pi/2 (x_hat - sin(pi t/2) x)
+        / max(cos(pi t/2), t_eps). On VP, sigma' itself grows like 1 / sigma at the data end, which the floor does
+        not remove (VP stays 1e-5 away from it)."""
+        t = expand_t_like_x(t, x)
+        alpha, d_alpha = self.path_sampler.compute_alpha_t(t)
+        sigma, d_sigma = self.path_sampler.compute_sigma_t(t)
+        return ((d_alpha * sigma - d_sigma * alpha) * x_hat + d_sigma * x) / sigma.clamp_min(self.t_eps)
+
     def velocity_and_score(self, output, x, t):
-        """(v, s) at (x, t) from the network's output, whatever it predicts (one network call gives both)."""
+        """(v, s) at (x, t) from the network's output, whatever it predicts (one network call gives both). An
+        x-prediction's score is the one its (floored) velocity implies, so its SDE and ODE share one field; where
+        sigma_t >= t_eps it is Tweedie's (alpha x_hat - x) / sigma^2."""
         path = self.path_sampler
         if self.model_type == ModelType.VELOCITY:
             return output, path.get_score_from_velocity(output, x, t)
+        if self.model_type == ModelType.DATA:
+            v = self.velocity_from_data(output, x, t)
+            return v, path.get_score_from_velocity(v, x, t)
         if self.model_type == ModelType.NOISE:
             score = output / -path.compute_sigma_t(expand_t_like_x(t, x))[0]
         else:
@@ -170,14 +207,54 @@ class Transport:
         return score
 
 
+# ---- time shift -----------------------------------------------------------------------------------------------
+# One map in two parametrisations (docs/flows.md, "Time shift"). On SiT time t (0 noise, 1 data) shift_time(t, a) =
+# a t / (1 + (a - 1) t), LightningDiT's sampling-grid shift (`sample.time_shift`, 0.3 in their recipe). SD3
+# (2403.03206) and RAE (2510.11690) shift their noise time tau = 1 - t by s tau / (1 + (s - 1) tau), s > 1 toward
+# noise (`diffusion.time_shift`); substituting tau = 1 - t gives shift_time(t, 1 / s) (algebraically). The inverse of
+# shift_time(., a) is shift_time(., 1 / a).
+
+DIMENSION_SHIFT_BASE = 4096   # RAE's time_dist_shift_base (src/train.py; every config): s = 1 at 4 x 32 x 32 values
+
+
 def shift_time(t, shift):
-    """LightningDiT's sampling-grid shift t' = s t / (1 + (s - 1) t) on SiT time (t = 1 data); the ends stay fixed.
-    s < 1 crowds the grid toward the noise end. In SD3's noise time sigma = 1 - t it is their shift a = 1 / s."""
+    """LightningDiT's sampling-grid shift t' = a t / (1 + (a - 1) t), a = `shift`, on SiT time (t = 1 data); the ends
+    stay fixed. a < 1 crowds the grid toward the noise end. In SD3's / RAE's noise time tau = 1 - t it is their shift
+    s = 1 / a (diffusion.time_shift's parametrisation)."""
     if shift == 1:
         return t
     if shift <= 0:
         raise ConfigError(f"time_shift={shift} must be positive (1 = no shift; LightningDiT uses 0.3)")
     return shift * t / (1 + (shift - 1) * t)
+
+
+def shift_interval(t, shift, t0, t1):
+    """shift_time within the interval between t0 and t1 (either order): its ends stay fixed, so a sampler's grid
+    still starts at t0 and ends at t1 (the SDE's last step then starts where it should). On [0, 1] it is
+    shift_time itself, bit for bit; shift = 1 returns t."""
+    if shift == 1:
+        return t
+    lo, hi = min(t0, t1), max(t0, t1)
+    return lo + (hi - lo) * shift_time((t - lo) / (hi - lo), shift)
+
+
+def dimension_shift(shape, base=DIMENSION_SHIFT_BASE):
+    """RAE's (and SD3's) dimension-dependent shift s = sqrt(C H W / base) for data of `shape` (C, H, W) (any shape:
+    the number of values is what counts): s > 1 moves time toward noise for data of more than `base` values."""
+    return math.sqrt(math.prod(int(d) for d in shape) / base)
+
+
+def resolve_time_shift(time_shift, shape=None):
+    """The noise-side shift s (SD3's and RAE's parametrisation, 1 = none) that `diffusion.time_shift` asks for:
+    a positive number as it is, or "auto" = dimension_shift(shape) of the data the network sees."""
+    if time_shift == "auto":
+        if shape is None:
+            raise ConfigError("diffusion.time_shift=auto takes the shift from the data's shape, and none was given")
+        return dimension_shift(shape)
+    if isinstance(time_shift, bool) or not isinstance(time_shift, (int, float)) or not time_shift > 0:
+        raise ConfigError(f"diffusion.time_shift={time_shift!r}: give a positive number (1 = no shift; SD3's and "
+                         f"RAE's s, > 1 toward noise) or auto (s = sqrt(C*H*W / {DIMENSION_SHIFT_BASE}))")
+    return time_shift
 
 
 class Sampler:
@@ -218,7 +295,7 @@ class Sampler:
             t0 = SBDM_T0  # D(0) is infinite on Linear and GVP (SiT starts here and returns NaN)
         if not t0 < t1:
             raise ConfigError(f"the SDE runs from t0={t0} to t1={t1}; use a smaller last_step_size")
-        grid = shift_time(torch.linspace(t0, t1, num_steps), time_shift)
+        grid = shift_interval(torch.linspace(t0, t1, num_steps), time_shift, t0, t1)
 
         def drift_and_diffusion(x, t, model, model_kwargs):
             """f = v + w s and w, from a single network call."""
@@ -265,12 +342,16 @@ class Sampler:
                    time_shift=1.0):
         """Integrate the probability-flow ODE dx/dt = v(x, t) with torchdiffeq from t0 (noise) to t1 (data), or back
         with reverse=True. sampling_method: any torchdiffeq method ("euler", "midpoint", "heun2", "rk4", "dopri5",
-        ...). num_steps: the grid of times returned; fixed-grid methods step exactly on it (euler with num_steps=N
-        takes N - 1 steps), adaptive ones (dopri5) choose their own steps within atol / rtol. time_shift: see
-        shift_time. The returned function gives a tensor (num_steps, *init.shape), the state at every grid time."""
+        ...), or "heun_last_euler": Heun steps except the last, which is an Euler step (EDM's Algorithm 1, Karras et al.
+        2022; JiT's sampler, whose x-prediction velocity at t = 1 would divide by its floor). num_steps: the grid of
+        times returned; fixed-grid methods step exactly on it (euler with num_steps=N takes N - 1 steps), adaptive ones
+        (dopri5) choose their own steps within atol / rtol. time_shift: see shift_time. The returned function gives a
+        tensor (num_steps, *init.shape), the state at every grid time."""
         t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps, sde=False,
                                                eval=True, reverse=reverse)
-        grid = shift_time(torch.linspace(t0, t1, num_steps), time_shift)
+        grid = shift_interval(torch.linspace(t0, t1, num_steps), time_shift, t0, t1)
+        if sampling_method == "heun_last_euler":
+            return _HeunLastEuler(self.drift, grid).sample
         return _ODE(self.drift, grid, sampling_method, atol, rtol).sample
 
     def sample_ode_likelihood(self, *, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3,
@@ -342,3 +423,18 @@ class _ODE:
 
         tol = len(x) if isinstance(x, tuple) else 1
         return odeint(fn, x, self.grid.to(device), method=self.method, atol=[self.atol] * tol, rtol=[self.rtol] * tol)
+
+
+class _HeunLastEuler:
+    """Heun's method (torchdiffeq's heun2) on every interval of the grid but the last, then one Euler step to its end:
+    the last step never evaluates the drift at the grid's end (the data end of an x-prediction model)."""
+
+    def __init__(self, drift, grid):
+        self.drift, self.grid = drift, grid
+
+    def sample(self, x, model, **model_kwargs):
+        states = _ODE(self.drift, self.grid[:-1], "heun2", 0.0, 0.0).sample(x, model, **model_kwargs)
+        last, grid = states[-1], self.grid.to(x.device)
+        t = torch.ones(x.shape[0], device=x.device) * grid[-2]
+        last = last + (grid[-1] - grid[-2]) * self.drift(last, t, model, **model_kwargs)
+        return torch.cat([states, last[None]])

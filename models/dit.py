@@ -33,10 +33,38 @@ MLPS = ("gelu", "swiglu")
 #                                   Helpers                                     #
 #################################################################################
 
+def per_token(v):
+    """A conditioning vector per sample (N, D) as (N, 1, D), to broadcast over the tokens; one per token (N, T, D),
+    as DiT^DH's head has (models/ditdh.py), as it is."""
+    return v.unsqueeze(1) if v.dim() == 2 else v
+
+
+def init_linears(model):
+    """ViT's init of every nn.Linear in `model`: Xavier-uniform weights, zero biases."""
+    def init(module):
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    model.apply(init)
+
+
+def zero_init_adaln(blocks, final_layer):
+    """adaLN-Zero: zero the blocks' modulation regressors (every gate starts at 0: each block is the identity; pass
+    no blocks to leave them) and the final layer's modulation and readout (the initial prediction is exactly 0)."""
+    for block in blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    for layer in (final_layer.adaLN_modulation[-1], final_layer.linear):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 def modulate(x, shift, scale):
-    """adaLN: scale and shift the normalised tokens (N, T, D) by per-sample vectors (N, D); no shift if None."""
-    x = x * (1 + scale.unsqueeze(1))
-    return x if shift is None else x + shift.unsqueeze(1)
+    """adaLN: scale and shift the normalised tokens (N, T, D) by per-sample (N, D) or per-token (N, T, D) vectors;
+    no shift if None."""
+    x = x * (1 + per_token(scale))
+    return x if shift is None else x + per_token(shift)
 
 
 def approx_gelu():
@@ -132,11 +160,14 @@ def make_norm(kind, dim):
 class Attention(nn.Module):
     """Multi-head self-attention through scaled_dot_product_attention, with optional QK-norm (per head:
     RMSNorm with norm="rmsnorm", else an affine LayerNorm) and rotary embedding (applied after the QK-norm).
-    With neither, it computes exactly what timm's Attention computes, under the same key names."""
+    With neither, it computes exactly what timm's Attention computes, under the same key names. attn_drop / proj_drop:
+    dropout on the attention weights / after the output projection while training (JiT's; 0 = none, the default)."""
 
-    def __init__(self, dim, num_heads, qk_norm=False, norm="layernorm"):
+    def __init__(self, dim, num_heads, qk_norm=False, norm="layernorm", attn_drop=0.0, proj_drop=0.0):
         super().__init__()
         self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop else nn.Identity()   # no parameters: the keys stay
         head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         make_qk_norm = lambda: (RMSNorm(head_dim) if norm == "rmsnorm" else nn.LayerNorm(head_dim))
@@ -150,28 +181,33 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        x = F.scaled_dot_product_attention(q, k, v)                                        # (N, h, T, D/h)
-        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+        drop = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)                        # (N, h, T, D/h)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(N, T, D)))
 
 
 class SwiGLU(nn.Module):
-    """w3(silu(a) * b) with (a, b) = w12(x) split in two (Shazeer 2020); LightningDiT's key names."""
+    """w3(silu(a) * b) with (a, b) = w12(x) split in two (Shazeer 2020); LightningDiT's key names. drop: dropout on
+    silu(a) * b while training (JiT's; 0 = none, the default)."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, drop=0.0):
         super().__init__()
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.w3 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop) if drop else nn.Identity()
 
     def forward(self, x):
         a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+        return self.w3(self.drop(F.silu(a) * b))
 
 
-def make_mlp(kind, dim, mlp_ratio):
+def make_mlp(kind, dim, mlp_ratio, drop=0.0):
     """GELU(tanh) MLP of width ratio * dim (DiT), or SwiGLU of width int(2/3 * ratio * dim), which has the same
-    parameters and flops (LightningDiT)."""
+    parameters and flops (LightningDiT). drop: dropout while training (SwiGLU: on its hidden activations; GELU: timm's
+    Mlp, after the activation and after fc2); 0 by default."""
     hidden = int(dim * mlp_ratio)
-    return SwiGLU(dim, int(2 / 3 * hidden)) if kind == "swiglu" else Mlp(dim, hidden, act_layer=approx_gelu)
+    return SwiGLU(dim, int(2 / 3 * hidden), drop) if kind == "swiglu" else Mlp(dim, hidden, act_layer=approx_gelu,
+                                                                                 drop=drop)
 
 
 #################################################################################
@@ -227,31 +263,33 @@ class DiTBlock(nn.Module):
     """Transformer block conditioned by adaptive layer norm (adaLN), with or without the zero-init gates.
 
     adaLN-Zero (paper Sec. 3.2): the conditioning c regresses shift, scale and a gate per branch; the gate
-    is initialised to zero so every block starts as the identity.
+    is initialised to zero so every block starts as the identity. c is one vector per sample (N, D) or one per
+    token (N, T, D) (DiT^DH's head). attn_drop / proj_drop: training-time dropout (JiT's; off by default).
     """
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, gated=True, norm="layernorm", mlp="gelu",
-                 qk_norm=False, wo_shift=False):
+                 qk_norm=False, wo_shift=False, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
         self.gated, self.wo_shift = gated, wo_shift
         self.norm1 = make_norm(norm, hidden_size)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, norm=norm)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, norm=norm, attn_drop=attn_drop,
+                              proj_drop=proj_drop)
         self.norm2 = make_norm(norm, hidden_size)
-        self.mlp = make_mlp(mlp, hidden_size, mlp_ratio)
+        self.mlp = make_mlp(mlp, hidden_size, mlp_ratio, drop=proj_drop)
         # Per branch: shift (unless wo_shift), scale, gate (unless ungated adaLN).
         self.chunks = (2 if wo_shift else 3) - (0 if gated else 1)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * self.chunks * hidden_size))
 
     def forward(self, x, c, rope=None):
         # In LightningDiT's order: [shift_msa], scale_msa, [gate_msa], [shift_mlp], scale_mlp, [gate_mlp].
-        params = iter(self.adaLN_modulation(c).chunk(2 * self.chunks, dim=1))
+        params = iter(self.adaLN_modulation(c).chunk(2 * self.chunks, dim=-1))
         take = lambda used: next(params) if used else None
         shift_msa, scale_msa, gate_msa = take(not self.wo_shift), take(True), take(self.gated)
         shift_mlp, scale_mlp, gate_mlp = take(not self.wo_shift), take(True), take(self.gated)
         h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
-        x = x + (h if gate_msa is None else gate_msa.unsqueeze(1) * h)
+        x = x + (h if gate_msa is None else per_token(gate_msa) * h)
         h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x + (h if gate_mlp is None else gate_mlp.unsqueeze(1) * h)
+        return x + (h if gate_mlp is None else per_token(gate_mlp) * h)
 
 
 class CrossAttention(nn.Module):
@@ -301,7 +339,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x, c, readout_scale=1.0):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         x = modulate(self.norm_final(x), shift, scale)
         # muP's output multiplier on the readout's input (models/mup.py); 1.0 (SP) leaves the official computation.
         return self.linear(x if readout_scale == 1.0 else x * readout_scale)
@@ -320,6 +358,10 @@ class DiT(nn.Module):
     learn_sigma: output 2C channels, epsilon then the variance interpolation v (improved DDPM).
     block_type: "adaLN-Zero" (default), "adaLN", "cross-attn" or "in-context" (paper Fig. 3 / Table 4).
     norm, mlp, rope, qk_norm, wo_shift: LightningDiT's options for the adaLN blocks (module docstring).
+    second_time: also condition on a second time `dt` (N,), the length of the jump the objective asks for (MeanFlow's
+        t - r, a shortcut model's step size), through an embedder of its own (`dt_embedder`, as `t_embedder`) whose
+        output adds to t's embedding, as the official MeanFlow DiT adds its h embedding. Off (the default): no such
+        module, the official state_dict.
     """
 
     def __init__(
@@ -339,6 +381,7 @@ class DiT(nn.Module):
         rope=False,
         qk_norm=False,
         wo_shift=False,
+        second_time=False,
     ):
         super().__init__()
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -371,6 +414,8 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed((height, width), patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        # The second time of the one-step objectives (diffusion/meanflow.py, shortcut.py); None keeps the official keys.
+        self.dt_embedder = TimestepEmbedder(hidden_size) if second_time else None
         # Fixed (not learned) sin-cos positions; a buffer, saved in the state_dict as the official code does.
         self.register_buffer("pos_embed", sincos_2d(hidden_size, *self.grid_size).unsqueeze(0))
         # Rotary tables shared by every block, under LightningDiT's name; kept beside the absolute positions.
@@ -390,13 +435,7 @@ class DiT(nn.Module):
 
     def initialize_weights(self):
         """All of the paper's initialisation, in one place."""
-        # Transformer layers: Xavier-uniform weights, zero biases (ViT).
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        self.apply(_basic_init)
+        init_linears(self)   # transformer layers: Xavier-uniform weights, zero biases (ViT)
 
         # Patch embedding: initialise like the nn.Linear it is (not like a conv).
         w = self.x_embedder.proj.weight.data
@@ -407,18 +446,12 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.dt_embedder is not None:   # the second time's MLP as t's
+            nn.init.normal_(self.dt_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.dt_embedder.mlp[2].weight, std=0.02)
 
-        # adaLN-Zero: zero the modulation regressors, so every gate starts at 0 and each block is the identity.
-        if self.block_type == "adaLN-Zero":
-            for block in self.blocks:
-                nn.init.zeros_(block.adaLN_modulation[-1].weight)
-                nn.init.zeros_(block.adaLN_modulation[-1].bias)
-
-        # Output layer zeroed: the initial prediction is exactly 0 (for every block type).
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        # adaLN-Zero's identity blocks; the output layer zeroed for every block type (initial prediction exactly 0).
+        zero_init_adaln(self.blocks if self.block_type == "adaLN-Zero" else (), self.final_layer)
 
     def unpatchify(self, x):
         """(N, T, p*p*C) tokens -> (N, C, H, W) image."""
@@ -428,15 +461,25 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y=None):
+    def embed_time(self, t, dt=None):
+        """t's embedding (N, D), plus dt's in a model built with second_time (dt=None: zeros, as FLOP counting
+        calls it); a dt given to a model without the second time is refused."""
+        if self.dt_embedder is None:
+            if dt is not None:
+                raise ConfigError("this network was built without second_time, so it takes no dt; the one-step "
+                                  "objectives (diffusion=meanflow | shortcut) build it with one")
+            return self.t_embedder(t)
+        return self.t_embedder(t) + self.dt_embedder(torch.zeros_like(t) if dt is None else dt)
+
+    def forward(self, x, t, y=None, dt=None):
         """
         x: (N, C, H, W) images or latents; t: (N,) timesteps, int or float; y: (N,) class ids, or None for
-        the null class. Returns (N, C_out, H, W).
+        the null class; dt: (N,) the second time (models built with second_time only). Returns (N, C_out, H, W).
         """
         if y is None:
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p^2
-        t = self.t_embedder(t)                   # (N, D)
+        t = self.embed_time(t, dt)               # (N, D)
         y = self.y_embedder(y)                   # (N, D)
         c = t + y                                # (N, D)
         if self.block_type == "in-context":

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from diffusers import Transformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from utils.errors import ConfigError
 
@@ -84,6 +85,9 @@ class UNet(nn.Module):
     conditioning: "adagn" (ADM: the class embedding is added to the timestep embedding, which scales and
         shifts every GroupNorm) or "cross-attn" (LDM: the class embedding, context_dim wide, is a one-token
         context for transformer blocks at the attention levels; the timestep embedding plainly adds).
+    second_time: also condition on a second time `dt` (N,) (MeanFlow's t - r, a shortcut model's step size: see
+        models/dit.py) through sinusoidal features and an MLP of its own (`dt_embedder`, shaped as the timestep's),
+        added to the timestep embedding; off: no such module, diffusers' keys and computation as they were.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class UNet(nn.Module):
         norm_groups=32,
         conditioning="adagn",
         context_dim=512,
+        second_time=False,
     ):
         super().__init__()
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -164,6 +169,13 @@ class UNet(nn.Module):
         # A plain float: muP's output multiplier base_width / width on conv_out's input (models/mup.py); 1.0 = SP.
         self.readout_scale = 1.0
         self.unet.conv_out.register_forward_pre_hook(self._scale_readout_input)
+        # The second time enters where the timestep embedding leaves unet.time_embedding (a forward hook), so self.unet
+        # keeps diffusers' modules and keys; forward() hands the hook its dt.
+        self.dt_embedder, self._dt = None, None
+        if second_time:
+            self.dt_embedder = nn.Sequential(Timesteps(channels[0], flip_sin_to_cos=True, downscale_freq_shift=0),
+                                             TimestepEmbedding(channels[0], 4 * channels[0]))
+            self.unet.time_embedding.register_forward_hook(self._add_second_time)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -193,19 +205,33 @@ class UNet(nn.Module):
         (EMA) hooks the copy's own scale); nothing changes at 1.0."""
         return None if self.readout_scale == 1.0 else (args[0] * self.readout_scale, *args[1:])
 
-    def forward(self, x, t, y=None):
+    def _add_second_time(self, time_embedding, args, emb):
+        """Forward hook of unet.time_embedding: the timestep embedding plus the second time's (models built with
+        second_time; a bound method, so a deepcopy (EMA) hooks the copy's own embedder)."""
+        return emb + self.dt_embedder[1](self.dt_embedder[0](self._dt).to(emb.dtype))
+
+    def forward(self, x, t, y=None, dt=None):
         """
         x: (N, C, H, W) images or latents; t: (N,) timesteps, int or float; y: (N,) class ids, or None for
-        the null class. Returns (N, C_out, H, W).
+        the null class; dt: (N,) the second time (models built with second_time only; None: zeros). Returns
+        (N, C_out, H, W).
         """
         if y is None:
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t              # (N,)
-        if self.conditioning == "cross-attn":
-            context = self.class_embedder(y)[:, None]               # (N, 1, context_dim)
-            return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]  # (N, C_out, H, W)
-        return self.unet(x, t, class_labels=y, return_dict=False)[0]                   # (N, C_out, H, W)
+        if self.dt_embedder is None and dt is not None:
+            raise ConfigError("this network was built without second_time, so it takes no dt; the one-step "
+                              "objectives (diffusion=meanflow | shortcut) build it with one")
+        if self.dt_embedder is not None:
+            self._dt = torch.zeros(t.shape, device=x.device) if dt is None else torch.as_tensor(dt).expand(t.shape)
+        try:
+            if self.conditioning == "cross-attn":
+                context = self.class_embedder(y)[:, None]               # (N, 1, context_dim)
+                return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]  # (N, C_out, H, W)
+            return self.unet(x, t, class_labels=y, return_dict=False)[0]                   # (N, C_out, H, W)
+        finally:
+            self._dt = None
 
 
 #################################################################################

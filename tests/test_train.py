@@ -218,7 +218,9 @@ def test_resume_with_another_objective_is_refused(trained_run, tmp_path):
 
 
 
-@pytest.mark.parametrize("objective", [pytest.param("ddpm", marks=pytest.mark.slow), "flow"])
+@pytest.mark.parametrize("objective", [pytest.param("ddpm", marks=pytest.mark.slow), "flow",
+                                       pytest.param("meanflow", marks=pytest.mark.slow),
+                                       pytest.param("shortcut", marks=pytest.mark.slow)])
 def test_resume_after_sigkill_is_bit_exact(tmp_path, objective):
     overrides = [*PINNED, f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=12", "train.batch_size=16", "train.log_every=1",
                  "train.ckpt_every=3", "train.keep_last=10", "sample.steps=2", "sample.per_class=1"]
@@ -274,7 +276,8 @@ def test_cooldown_is_logged_and_resumes_exactly(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("objective, param", [pytest.param("ddpm", "sp", marks=pytest.mark.slow), ("flow", "sp"),
-                                              pytest.param("flow", "mup", marks=pytest.mark.slow)])
+                                              pytest.param("flow", "mup", marks=pytest.mark.slow), ("meanflow", "sp"),
+                                              pytest.param("shortcut", "sp", marks=pytest.mark.slow)])
 @pytest.mark.distributed
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, objective, param):
     """Two processes train what one does; under μP too (its per-group learning rates, readout multiplier)."""

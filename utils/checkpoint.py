@@ -223,13 +223,19 @@ def check_resume(saved, current, path, canonical_diffusion=lambda d: d):
     """Refuse to resume a run (`saved`: its checkpoint's config) with another model, objective, REPA or VAE than the
     `current` config's (plain dicts); settings such as train.steps may change. canonical_diffusion names the
     objective of configs from before it was recorded (diffusion.objectives.canonical_config)."""
+    NORMALIZE_MODES = {None: "none", False: "none", True: "channel"}   # vae.normalize's older booleans (models/vae.py)
+    REPA_BEFORE_IREPA = {"projector": "mlp", "projector_kernel": 3, "spatial_norm": False, "spatial_norm_gamma": 0.6}
+
     def identity(c):
         vae = c.get("vae") or {}
-        # Runs from before model.param was recorded are sp (models/mup.py) with no base width.
-        return {"model": {"param": "sp", "base_width": None, **(c.get("model") or {})},
+        normalize = NORMALIZE_MODES.get(vae.get("normalize"), vae.get("normalize"))
+        # Keys added later take the value that reproduces older runs: sp (models/mup.py) at the named width, REPA's
+        # MLP projector without iREPA's spatial normalisation (diffusion/repa.py).
+        return {"model": {"param": "sp", "base_width": None, "width": None, **(c.get("model") or {})},
                 "diffusion": canonical_diffusion(c.get("diffusion")),
-                "repa": c["repa"] if (c.get("repa") or {}).get("encoder") else {"encoder": None},
-                "vae": {**{k: vae.get(k) for k in ("name", "id", "scaling_factor")}, "normalize": bool(vae.get("normalize"))}}
+                "repa": ({**REPA_BEFORE_IREPA, **c["repa"]} if (c.get("repa") or {}).get("encoder")
+                         else {"encoder": None}),
+                "vae": {**{k: vae.get(k) for k in ("name", "id", "scaling_factor")}, "normalize": normalize}}
     before, now = identity(saved), identity(current)
     if "vae" not in saved:   # runs from before latent diffusion: the VAE may not be compared
         before["vae"] = now["vae"]
