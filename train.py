@@ -111,7 +111,8 @@ def step_batch(run, step):
 
 def model_args(cfg, dataset, objective, shape, vae=None):
     """What rebuilds the network (models.build_model; param sp | mup) and its VAE (None in pixel space); saved."""
-    kwargs = with_width(cfg.model.name, OmegaConf.to_container(cfg.model.kwargs, resolve=True), cfg.model.get("width"))
+    m = cfg.model
+    kwargs = with_width(m.name, OmegaConf.to_container(m.kwargs, resolve=True), m.get("width"), m.get("head_width"))
     return dict(name=cfg.model.name, input_size=shape[1], in_channels=shape[0], num_classes=dataset.num_classes,
                 **network_kwargs(objective), **kwargs, param=cfg.model.param, base_width=cfg.model.base_width,
                 vae=None if vae is None else vae.record(cfg.vae.path, cfg.vae.subfolder))
@@ -169,16 +170,15 @@ def score_fid(run):
 def checkpoint(run, boundary):
     """Write the training state of this step (plain, unsharded state dicts whatever the parallelism; under FSDP
     every rank takes part in gathering them)."""
-    cfg = run.cfg
     model_state, ema_state, opt_state = training_state(run.raw_model, run.ema, run.opt, run.fsdp)
     save_on_main(lambda: {   # rank 0 writes; a failed write (a full disk) stops every rank with its message
         "model": model_state, "ema": ema_state, "opt": opt_state, "step": run.step,
-        "config": OmegaConf.to_container(cfg, resolve=True), "model_args": run.args,
+        "config": OmegaConf.to_container(run.cfg, resolve=True), "model_args": run.args,
         # Every random draw derives from (seed, step): the data position and RNG state are the step.
-        "rng": {"seed": cfg.seed, "samples_seen": run.step * run.global_batch}, "skipped_steps": run.skipped,
+        "rng": {"seed": run.cfg.seed, "samples_seen": run.step * run.global_batch}, "skipped_steps": run.skipped,
         **({"phema": run.phema.state_dict()} if run.phema is not None else {}),
         **({"repa": run.repa.state_dict()} if run.repa is not None else {}),
-    }, run.ckpt_dir, run.step, keep_last=cfg.train.keep_last)
+    }, run.ckpt_dir, run.step, keep_last=run.cfg.train.keep_last)
     boundary.saved()
 
 

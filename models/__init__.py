@@ -26,13 +26,15 @@ def create_model(name, **kwargs):
     return MODELS[name](**kwargs)
 
 
-def with_width(name, kwargs, width=None):
+def with_width(name, kwargs, width=None, head_width=None):
     """Model `name`'s constructor arguments `kwargs` (config model.kwargs) plus those that make it `width` wide
-    (config model.width; None: none): a DiT's hidden_size, with heads of the named size's width (num_heads = width /
-    head size: μP widens by adding heads of a fixed size), or a U-Net's model_channels (its heads are head_channels
-    wide already)."""
+    (config model.width; None: none): a DiT's hidden_size, with heads `head_width` wide (config model.head_width;
+    None: the named size's; num_heads = width / head_width: μP widens by adding heads of a fixed size), or a U-Net's
+    model_channels (its heads are head_channels wide already)."""
     kwargs = dict(kwargs or {})
     if width is None:
+        if head_width is not None:
+            raise ConfigError(f"model.head_width={head_width} sizes the heads of model.width; set model.width too")
         return kwargs
     clash = sorted({"hidden_size", "num_heads", "model_channels"} & set(kwargs))
     if clash:
@@ -45,7 +47,7 @@ def with_width(name, kwargs, width=None):
     if size is None or not name.startswith(("DiT-", "LightningDiT-")):
         raise ConfigError(f"model.width is defined for the DiT, LightningDiT and U-Net sizes, not {name}; set its "
                           f"widths in model.kwargs instead")
-    head = size["hidden_size"] // size["num_heads"]
+    head = int(head_width or size["hidden_size"] // size["num_heads"])
     if width <= 0 or width % head:
         raise ConfigError(f"model.width={width}: {name}'s heads are {head} wide, so its width must be a positive "
                           f"multiple of {head}")
