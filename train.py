@@ -47,12 +47,11 @@ from utils.images import save_grid
 from utils.logger import MetricsWindow, RunLogger, logged_row, truncate_metrics
 from utils.parallel import Trainables, load_optimizer_state, parallelize, sampling_model, training_state
 from utils.phema import write_snapshots
+import utils.resolvers  # noqa: F401  (registers the configs' resolvers)
 from utils.runlock import RunLock
 from utils.schedule import budget_steps, cooldown_steps, learning_rate
 from utils.speed import adamw, attention_backend, backward_context, forward_context, resolve_precision
 
-# run_dir suffix for sweeps over settings other than model/data: "runs/digits/DiT-S-2_optim.lr=0.0003".
-OmegaConf.register_new_resolver("sweep_suffix", lambda s: "_" + s.replace("/", "-") if s else "", replace=True)
 
 # Every config key names the run (a change gives another run_dir: another run) or not (a change resumes the same
 # run): these name it, conf/train.yaml's hydra.job.config.override_dirname.exclude_keys list the others
