@@ -12,7 +12,8 @@
 #    40  CUDA numerics: bf16 autocast and TF32 against fp32, the flash attention kernel, fused AdamW (the quick tests
 #        of tests/test_gpu.py; its compile, FSDP and throughput tests are the stages below)
 #    70  peak memory of one training step of DiT-XL/2 at 256 px (batch 32 per GPU), XL/2 at 512 px (32) and
-#        LightningDiT-XL (128), with and without activation checkpointing     (benchmarks/memory_probe.py)
+#        LightningDiT-XL/1 on VA-VAE latents (128), with and without activation checkpointing
+#                                                                              (benchmarks/memory_probe.py)
 #    85  torch.compile with activation checkpointing: graphs, graph breaks, speed and memory of DiT-XL/2
 #    70  FSDP against DDP on a flow objective in bf16 (2 GPUs; on 1 GPU both at world size 1, and it says so)
 #   105  MFU of DiT-XL/2 (compiled, bf16) against the official code (fp32) when .gpu/official exists

@@ -5,7 +5,8 @@ checkpointing: whether a recipe fits a GPU as it is, or needs train.grad_checkpo
     python benchmarks/memory_probe.py --tiny --device cpu      # the same path with tiny sizes (the GPU check's dry run)
 
 Each recipe is read from its real config (conf/experiment/*.yaml, composed as train.py composes it): the model and its
-options, the image size (SD-VAE latents: image size / 8, 4 channels), the objective, the precision and the global batch,
+options, the latent shape (image size / vae.downsample, vae.latent_channels: SD-VAE 32x32x4 at 256 px, VA-VAE
+16x16x32), the objective, the precision and the global batch,
 of which one GPU takes train.batch_size / --gpus (8, as the recipes' torchrun commands). One step is train.py's
 (train.train_step: forward, loss, backward, gradient norm; then fused AdamW and the EMA update, with the EMA copy on the
 GPU as train.py keeps it), the step benchmarks/throughput.py times; the peak is torch.cuda.max_memory_allocated over a
@@ -34,8 +35,8 @@ from utils.speed import attention_backend, resolve_precision  # noqa: E402
 
 # (experiment, what it is); each at train.batch_size / --gpus per GPU.
 RECIPES = [("imagenet256", "DiT-XL/2 at 256 px"), ("imagenet512", "DiT-XL/2 at 512 px"),
-           ("lightningdit-xl1-imagenet256", "LightningDiT-XL at 256 px")]
-# --tiny: the same families at a CPU size, an eighth of the image size, batch 2.
+           ("lightningdit-xl1-vavae-imagenet256", "LightningDiT-XL/1 on VA-VAE latents at 256 px")]
+# --tiny: the same families at a CPU size, an eighth of the image size (at least a 4x4 latent), batch 2.
 TINY_MODELS = {"DiT-XL/2": "DiT-T/2", "LightningDiT-XL/2": "LightningDiT-Mini/2", "LightningDiT-XL/1": "LightningDiT-Mini/2"}
 
 
@@ -49,21 +50,23 @@ def recipe(experiment):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}"])
     return dict(model=cfg.model.name, kwargs=OmegaConf.to_container(cfg.model.kwargs, resolve=True),
                 image_size=cfg.data.image_size, diffusion=OmegaConf.to_container(cfg.diffusion, resolve=True),
-                precision=cfg.precision, batch_size=cfg.train.batch_size, vae=cfg.vae.name)
+                precision=cfg.precision, batch_size=cfg.train.batch_size, vae=cfg.vae.name,
+                downsample=cfg.vae.downsample, latent_channels=cfg.vae.latent_channels)
 
 
 def probe(spec, batch, device, grad_checkpoint):
     """(peak GiB allocated, peak GiB reserved, seconds) of the second of two training steps, or None on OOM."""
-    if not str(spec["vae"]).startswith("sd-vae"):
-        raise ValueError(f"the probe knows SD-VAE latents (8x smaller, 4 channels) only; the recipe has {spec['vae']}")
-    latent = spec["image_size"] // 8                     # SD-VAE: 8x smaller, 4 channels
+    if not spec.get("downsample") or not spec.get("latent_channels"):
+        raise ValueError(f"the probe needs a latent recipe (vae.downsample and vae.latent_channels); the recipe has "
+                         f"vae={spec['vae']}")
+    latent, channels = spec["image_size"] // spec["downsample"], spec["latent_channels"]
     objective = build_objective(spec["diffusion"])
     precision = resolve_precision(spec["precision"], device)
     torch.manual_seed(0)
     with torch.device(device):                           # initialise on the device: seconds, not a minute on the CPU
-        model = create_model(spec["model"], input_size=latent, in_channels=4, num_classes=1000,
+        model = create_model(spec["model"], input_size=latent, in_channels=channels, num_classes=1000,
                              learn_sigma=objective.learn_sigma, **spec["kwargs"])
-        x, y = torch.randn(batch, 4, latent, latent), torch.randint(0, 1000, (batch,))
+        x, y = torch.randn(batch, channels, latent, latent), torch.randint(0, 1000, (batch,))
     ema = copy.deepcopy(model).requires_grad_(False)
     if grad_checkpoint:
         checkpoint_activations(model)
@@ -115,7 +118,8 @@ def main():
         spec = recipe(experiment)
         batch = spec["batch_size"] // args.gpus
         if args.tiny:
-            spec.update(model=TINY_MODELS.get(spec["model"], spec["model"]), image_size=spec["image_size"] // 8)
+            spec.update(model=TINY_MODELS.get(spec["model"], spec["model"]),
+                        image_size=max(spec["image_size"] // 8, 4 * (spec["downsample"] or 1)))
             batch = 2
         if args.precision:
             spec["precision"] = args.precision

@@ -170,13 +170,29 @@ def test_bad_options_are_refused():
 
 def test_the_published_recipes_compose():
     from conftest import compose_config
-    cfg = compose_config(overrides=["experiment=lightningdit-xl1-imagenet256", "data.path=/nowhere"])
-    assert cfg.model.name == "LightningDiT-XL/2" and dict(cfg.model.kwargs) == dict(
+    cfg = compose_config(overrides=["experiment=lightningdit-xl1-vavae-imagenet256", "data.path=/nowhere"])
+    assert cfg.model.name == "LightningDiT-XL/1" and dict(cfg.model.kwargs) == dict(
         norm="rmsnorm", mlp="swiglu", rope=True, qk_norm=False, wo_shift=False)
     assert (cfg.diffusion.objective, cfg.diffusion.time_sampling, cfg.diffusion.cosine_loss) == ("flow", "logit_normal", True)
-    assert cfg.vae.normalize and cfg.train.batch_size == 1024 and cfg.optim.lr == 2e-4 and list(cfg.optim.betas) == [0.9, 0.95]
-    assert (cfg.sample.ode.method, cfg.sample.steps, cfg.sample.time_shift, cfg.sample.guidance_low) == ("euler", 250, 0.3, 0.1)
+    assert cfg.vae.name == "va-vae-f16d32" and cfg.vae.normalize == "channel"
+    assert cfg.train.batch_size == 1024 and cfg.optim.lr == 2e-4 and list(cfg.optim.betas) == [0.9, 0.95]
+    assert (cfg.sample.ode.method, cfg.sample.steps, cfg.sample.time_shift, cfg.sample.guidance_low) == ("euler", 250, 0.3, 0.11)
     cfg = compose_config(overrides=["experiment=repa-sit-xl2-imagenet256", "data.path=/nowhere"])
     assert cfg.model.name == "DiT-XL/2" and cfg.diffusion.objective == "flow" and cfg.diffusion.time_sampling == "uniform"
     assert (cfg.repa.encoder, cfg.repa.depth, cfg.repa.coeff, cfg.repa.projector_dim) == ("dinov2-vit-b", 8, 0.5, 2048)
     assert cfg.optim.grad_clip == 1.0 and cfg.vae.name == "sd-vae-ft-mse" and cfg.train.batch_size == 256
+
+
+def test_with_every_option_off_it_is_the_dit_block_bit_for_bit():
+    """conf/model/DiT-XL-1.yaml rests on this: LightningDiT with LayerNorm, GELU, no RoPE, no QK-norm and the shift
+    kept is the DiT network, same state_dict keys and the same outputs on the same weights."""
+    kw = dict(input_size=8, in_channels=4, num_classes=10, learn_sigma=False)
+    torch.manual_seed(0)
+    dit = create_model("DiT-Mini/2", **kw)
+    for p in dit.parameters():   # past the zero initialisation, so that every path counts
+        torch.nn.init.normal_(p, std=0.05)
+    plain = create_model("LightningDiT-Mini/2", norm="layernorm", mlp="gelu", rope=False, qk_norm=False,
+                         wo_shift=False, **kw)
+    plain.load_state_dict(dit.state_dict(), strict=True)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    assert torch.equal(dit(x, t, y), plain(x, t, y))

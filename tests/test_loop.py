@@ -197,7 +197,8 @@ def _leaves(tree, prefix=""):
             yield f"{prefix}{key}"
 
 
-@pytest.mark.parametrize("experiment", [None, "digits-quick", "imagenet256", "lightningdit-xl1-imagenet256"])
+@pytest.mark.parametrize("experiment", [None, "digits-quick", "imagenet256", "lightningdit-xl1-vavae-imagenet256",
+                                        "sit-xl1-e2evae-repa-imagenet256", "rae-ditdh-xl-imagenet256"])
 def test_every_config_key_is_classified_once(experiment):
     from hydra import compose, initialize_config_dir
     from conftest import CONF
