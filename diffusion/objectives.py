@@ -11,7 +11,8 @@ velocity-direction cosine loss, and the scale of the network's time input. Sampl
 (diffusion.sampling.sample): a flow's sampling grid follows its time shift unless told otherwise. `meanflow` and
 `shortcut` are the one-step objectives (diffusion/meanflow.py, diffusion/shortcut.py; docs/onestep.md): their t is a
 (N, 2) tensor of two times, their network is built with a second time (network_kwargs), and shortcut models build
-their targets with the run's EMA network (attach_ema).
+their targets with the run's EMA network (attach_ema). `meanflow` with `variant: imf` is improved MeanFlow
+(diffusion/imeanflow.py): its t is (N, 5), the two times and the guidance scale and interval the network is told.
 """
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from . import create_diffusion
 from .losses import mean_flat
-from .meanflow import MeanFlowObjective
+from .imeanflow import ImprovedMeanFlowObjective, fill_variant_defaults, meanflow_class
 from .shortcut import ShortcutObjective
 from .transport import JIT_T_EPS, ModelType, create_transport, resolve_time_shift, shift_time
 from utils.errors import ConfigError
@@ -44,6 +45,8 @@ def canonical_config(diffusion_cfg):
     config = {**dict(diffusion_cfg or {}), "objective": objective_name(diffusion_cfg)}
     if config["objective"] == "flow":
         config.setdefault("time_shift", 1.0)
+    if config["objective"] == "meanflow":   # MeanFlow from before iMF: variant mf, iMF's keys at their defaults
+        config = fill_variant_defaults(config)
     return config
 
 
@@ -53,12 +56,15 @@ def build_objective(diffusion_cfg):
     config = canonical_config(diffusion_cfg)
     kwargs = {k: v for k, v in config.items() if k != "objective"}
     name = config["objective"]
-    cls = {"ddpm": DDPMObjective, "flow": FlowObjective, "meanflow": MeanFlowObjective,
-           "shortcut": ShortcutObjective}[name]
+    if name == "meanflow":   # MeanFlow or improved MeanFlow, by diffusion.variant (diffusion/imeanflow.py)
+        cls, kwargs = meanflow_class(kwargs)
+    else:
+        cls = {"ddpm": DDPMObjective, "flow": FlowObjective, "shortcut": ShortcutObjective}[name]
     try:
         objective = cls(**kwargs)
     except TypeError as error:  # an unknown key: name the valid ones
-        raise ConfigError(f"diffusion (objective={name}): {error}; valid keys: {', '.join(cls.KEYS)}") from None
+        keys = ImprovedMeanFlowObjective.KEYS if name == "meanflow" else cls.KEYS   # iMF's: all of meanflow's
+        raise ConfigError(f"diffusion (objective={name}): {error}; valid keys: {', '.join(keys)}") from None
     objective.config = config
     return objective
 

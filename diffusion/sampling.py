@@ -4,8 +4,9 @@
 
 The diffusion config recorded with a model says which objective trained it (DDPM, flow or a one-step objective);
 the sampler must fit it: ddpm / ddim / dpm-solver++ for DDPM models, ode / sde for flow models, meanflow (`steps`
-jumps, 1 by default) for MeanFlow models, shortcut (`steps` = 2^k Euler steps of the step size the model was
-told, 1 by default) for shortcut models (docs/onestep.md).
+jumps, 1 by default) for MeanFlow models (improved MeanFlow ones take cfg_scale and the guidance interval as inputs),
+shortcut (`steps` = 2^k Euler steps of the step size the model was told, 1 by default) for shortcut models
+(docs/onestep.md).
 """
 
 import math
@@ -98,7 +99,9 @@ def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_
         `steps` is SiT's num_steps (grid points: euler takes steps - 1 updates, the SDE steps - 1 plus a last step).
     guidance_low / guidance_high: guide only while the model time is inside [low, high] (None: unbounded), in the
         sampler's own time: DDPM step indices 0..T-1 (T-1 = noise), flow t in [0, 1] (1 = data), MeanFlow's t of
-        each jump's start (1 = noise), a shortcut model's t (1 = data); see classifier_free_guidance.
+        each jump's start (1 = noise), a shortcut model's t (1 = data); see classifier_free_guidance. An improved
+        MeanFlow model (diffusion.variant=imf) is not guided from outside: cfg_scale and [guidance_low,
+        guidance_high] (MeanFlow's time, None: 0 and 1) are the conditions it is called with, one evaluation a jump.
     clip_denoised: clamp to [-1, 1] (right for pixels, wrong for VAE latents).
     time_shift: flows only, the sampling grid's shift a in LightningDiT's parametrisation (transport.shift_time on
         SiT time: a < 1 toward noise, 1 = none; LightningDiT samples with 0.3). None: the shift the model was trained
@@ -120,6 +123,13 @@ def sample(model, noise, labels, *, null_class, sampler="auto", steps=None, cfg_
         if guidance == "auto":
             raise ConfigError(f"guidance=auto is not implemented for sampler={sampler}; use guidance=cfg")
         objective = objective if objective is not None else build_objective(diffusion_kwargs)
+        if getattr(objective, "guidance_conditions", False):   # iMF: the scale and interval are the network's inputs
+            if cfg_channels is not None:
+                raise ConfigError(f"cfg_channels={cfg_channels}: an iMF network is guided through its conditions, on "
+                                  f"every channel; leave cfg_channels=null")
+            x = objective.sample(model, noise, labels, steps, cfg_scale=cfg_scale, null_class=null_class,
+                                 interval=(guidance_low, guidance_high), progress=progress)
+            return x.clamp(-1, 1) if clip_denoised else x
         x = objective.sample(model, noise, labels, steps, guide=lambda fn: classifier_free_guidance(
             fn, cfg_scale, null_class, cfg_channels, interval), progress=progress)
         return x.clamp(-1, 1) if clip_denoised else x

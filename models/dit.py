@@ -26,6 +26,8 @@ from utils.errors import ConfigError
 
 BLOCK_TYPES = ("adaLN-Zero", "adaLN", "cross-attn", "in-context")
 NORMS = ("layernorm", "rmsnorm")
+# iMF's guidance conditions, the columns of `guidance` (diffusion/imeanflow.py): 1 - 1/omega, interval start and end.
+GUIDANCE_CONDITIONS = ("omega", "t_min", "t_max")
 MLPS = ("gelu", "swiglu")
 
 
@@ -362,6 +364,11 @@ class DiT(nn.Module):
         t - r, a shortcut model's step size), through an embedder of its own (`dt_embedder`, as `t_embedder`) whose
         output adds to t's embedding, as the official MeanFlow DiT adds its h embedding. Off (the default): no such
         module, the official state_dict.
+    guidance_cond: also condition on the guidance of improved MeanFlow (iMF, diffusion/imeanflow.py), three scalars
+        per sample `guidance` (N, 3) = (1 - 1/omega, t_min, t_max): the guidance scale and the interval it applies in,
+        each through an embedder of its own shaped as `t_embedder` (`omega_embedder`, `t_min_embedder`,
+        `t_max_embedder`, the official iMF DiT's names but for its cfg_t_start / cfg_t_end), added to t's embedding.
+        Off (the default): no such modules.
     """
 
     def __init__(
@@ -382,6 +389,7 @@ class DiT(nn.Module):
         qk_norm=False,
         wo_shift=False,
         second_time=False,
+        guidance_cond=False,
     ):
         super().__init__()
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -416,6 +424,9 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         # The second time of the one-step objectives (diffusion/meanflow.py, shortcut.py); None keeps the official keys.
         self.dt_embedder = TimestepEmbedder(hidden_size) if second_time else None
+        # iMF's guidance conditions (scale, interval start, interval end); None keeps the keys of the other objectives.
+        self.omega_embedder, self.t_min_embedder, self.t_max_embedder = (
+            [TimestepEmbedder(hidden_size) for _ in GUIDANCE_CONDITIONS] if guidance_cond else [None] * 3)
         # Fixed (not learned) sin-cos positions; a buffer, saved in the state_dict as the official code does.
         self.register_buffer("pos_embed", sincos_2d(hidden_size, *self.grid_size).unsqueeze(0))
         # Rotary tables shared by every block, under LightningDiT's name; kept beside the absolute positions.
@@ -446,9 +457,10 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if self.dt_embedder is not None:   # the second time's MLP as t's
-            nn.init.normal_(self.dt_embedder.mlp[0].weight, std=0.02)
-            nn.init.normal_(self.dt_embedder.mlp[2].weight, std=0.02)
+        extra = [self.dt_embedder] if self.dt_embedder is not None else []
+        for embedder in (*extra, *self.guidance_embedders()):   # the extra conditions' MLPs as t's
+            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
 
         # adaLN-Zero's identity blocks; the output layer zeroed for every block type (initial prediction exactly 0).
         zero_init_adaln(self.blocks if self.block_type == "adaLN-Zero" else (), self.final_layer)
@@ -461,25 +473,40 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def embed_time(self, t, dt=None):
-        """t's embedding (N, D), plus dt's in a model built with second_time (dt=None: zeros, as FLOP counting
-        calls it); a dt given to a model without the second time is refused."""
-        if self.dt_embedder is None:
-            if dt is not None:
-                raise ConfigError("this network was built without second_time, so it takes no dt; the one-step "
-                                  "objectives (diffusion=meanflow | shortcut) build it with one")
-            return self.t_embedder(t)
-        return self.t_embedder(t) + self.dt_embedder(torch.zeros_like(t) if dt is None else dt)
+    def guidance_embedders(self):
+        """The embedders of iMF's guidance conditions, in the order of `guidance`'s columns ([] when not built)."""
+        return [e for e in (self.omega_embedder, self.t_min_embedder, self.t_max_embedder) if e is not None]
 
-    def forward(self, x, t, y=None, dt=None):
+    def embed_time(self, t, dt=None, guidance=None):
+        """t's embedding (N, D), plus dt's in a model built with second_time and the guidance conditions' in one built
+        with guidance_cond (None: zeros, as FLOP counting calls it); an input the model was built without is
+        refused."""
+        if self.dt_embedder is None and dt is not None:
+            raise ConfigError("this network was built without second_time, so it takes no dt; the one-step "
+                              "objectives (diffusion=meanflow | shortcut) build it with one")
+        if self.omega_embedder is None and guidance is not None:
+            raise ConfigError("this network was built without guidance_cond, so it takes no guidance conditions; "
+                              "diffusion=meanflow diffusion.variant=imf builds it with them")
+        emb = self.t_embedder(t)
+        if self.dt_embedder is not None:
+            emb = emb + self.dt_embedder(torch.zeros_like(t) if dt is None else dt)
+        if self.omega_embedder is not None:
+            if guidance is None:
+                guidance = torch.zeros(len(t), len(GUIDANCE_CONDITIONS), device=t.device)
+            for i, embedder in enumerate(self.guidance_embedders()):
+                emb = emb + embedder(guidance[:, i])
+        return emb
+
+    def forward(self, x, t, y=None, dt=None, guidance=None):
         """
         x: (N, C, H, W) images or latents; t: (N,) timesteps, int or float; y: (N,) class ids, or None for
-        the null class; dt: (N,) the second time (models built with second_time only). Returns (N, C_out, H, W).
+        the null class; dt: (N,) the second time (models built with second_time only); guidance: (N, 3) iMF's
+        (1 - 1/omega, t_min, t_max) (models built with guidance_cond only). Returns (N, C_out, H, W).
         """
         if y is None:
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p^2
-        t = self.embed_time(t, dt)               # (N, D)
+        t = self.embed_time(t, dt, guidance)     # (N, D)
         y = self.y_embedder(y)                   # (N, D)
         c = t + y                                # (N, D)
         if self.block_type == "in-context":

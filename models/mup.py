@@ -50,8 +50,9 @@ def _plain(name):
 def _dit_role(name, p):
     if p.ndim < 2:
         return "vector"
-    if name.startswith(("x_embedder.", "y_embedder.")) or name in ("t_embedder.mlp.0.weight",
-                                                                     "dt_embedder.mlp.0.weight"):
+    if name.startswith(("x_embedder.", "y_embedder.")) or name in (
+            "t_embedder.mlp.0.weight", "dt_embedder.mlp.0.weight",   # the fixed-width sinusoidal features of each
+            "omega_embedder.mlp.0.weight", "t_min_embedder.mlp.0.weight", "t_max_embedder.mlp.0.weight"):   # scalar
         return "input"
     return "output" if name == "final_layer.linear.weight" else "hidden"
 
@@ -126,8 +127,9 @@ def mup_init_(model, base_width=None):
         fan_in = model.x_embedder.proj.weight[0].numel()
         model.x_embedder.proj.weight.mul_(math.sqrt((n + fan_in) / (base + fan_in)))
         model.t_embedder.mlp[2].weight.mul_(math.sqrt(base / n))
-        if model.dt_embedder is not None:   # the one-step objectives' second time (models/dit.py), as t's
-            model.dt_embedder.mlp[2].weight.mul_(math.sqrt(base / n))
+        extra = [model.dt_embedder] if model.dt_embedder is not None else []
+        for embedder in (*extra, *model.guidance_embedders()):   # the one-step objectives' conditions, as t's
+            embedder.mlp[2].weight.mul_(math.sqrt(base / n))
     else:
         # PyTorch's fan-in init is already μP for the weights; a hidden layer's bias (uniform ±1/√fan_in) is held at
         # its base-width scale, as mup.set_base_shapes(rescale_params=True) does.

@@ -25,6 +25,8 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from utils.errors import ConfigError
 
+from .dit import GUIDANCE_CONDITIONS
+
 CONDITIONINGS = ("adagn", "cross-attn")
 
 
@@ -88,6 +90,9 @@ class UNet(nn.Module):
     second_time: also condition on a second time `dt` (N,) (MeanFlow's t - r, a shortcut model's step size: see
         models/dit.py) through sinusoidal features and an MLP of its own (`dt_embedder`, shaped as the timestep's),
         added to the timestep embedding; off: no such module, diffusers' keys and computation as they were.
+    guidance_cond: also condition on iMF's guidance `guidance` (N, 3) = (1 - 1/omega, t_min, t_max) (models/dit.py),
+        each through sinusoidal features and an MLP of its own shaped as dt's (`omega_embedder`, `t_min_embedder`,
+        `t_max_embedder`), added to the timestep embedding; off: no such modules.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class UNet(nn.Module):
         conditioning="adagn",
         context_dim=512,
         second_time=False,
+        guidance_cond=False,
     ):
         super().__init__()
         height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -169,12 +175,15 @@ class UNet(nn.Module):
         # A plain float: muP's output multiplier base_width / width on conv_out's input (models/mup.py); 1.0 = SP.
         self.readout_scale = 1.0
         self.unet.conv_out.register_forward_pre_hook(self._scale_readout_input)
-        # The second time enters where the timestep embedding leaves unet.time_embedding (a forward hook), so self.unet
-        # keeps diffusers' modules and keys; forward() hands the hook its dt.
-        self.dt_embedder, self._dt = None, None
-        if second_time:
-            self.dt_embedder = nn.Sequential(Timesteps(channels[0], flip_sin_to_cos=True, downscale_freq_shift=0),
-                                             TimestepEmbedding(channels[0], 4 * channels[0]))
+        # The second time (and iMF's guidance conditions) enter where the timestep embedding leaves unet.time_embedding
+        # (a forward hook), so self.unet keeps diffusers' modules and keys; forward() hands the hook its inputs.
+        embedder = lambda: nn.Sequential(Timesteps(channels[0], flip_sin_to_cos=True, downscale_freq_shift=0),
+                                         TimestepEmbedding(channels[0], 4 * channels[0]))
+        self.dt_embedder, self._dt = (embedder() if second_time else None), None
+        self.omega_embedder, self.t_min_embedder, self.t_max_embedder = (
+            [embedder() for _ in GUIDANCE_CONDITIONS] if guidance_cond else [None] * 3)
+        self._guidance = None
+        if second_time or guidance_cond:
             self.unet.time_embedding.register_forward_hook(self._add_second_time)
         self.initialize_weights()
 
@@ -205,15 +214,24 @@ class UNet(nn.Module):
         (EMA) hooks the copy's own scale); nothing changes at 1.0."""
         return None if self.readout_scale == 1.0 else (args[0] * self.readout_scale, *args[1:])
 
-    def _add_second_time(self, time_embedding, args, emb):
-        """Forward hook of unet.time_embedding: the timestep embedding plus the second time's (models built with
-        second_time; a bound method, so a deepcopy (EMA) hooks the copy's own embedder)."""
-        return emb + self.dt_embedder[1](self.dt_embedder[0](self._dt).to(emb.dtype))
+    def guidance_embedders(self):
+        """The embedders of iMF's guidance conditions, in the order of `guidance`'s columns ([] when not built)."""
+        return [e for e in (self.omega_embedder, self.t_min_embedder, self.t_max_embedder) if e is not None]
 
-    def forward(self, x, t, y=None, dt=None):
+    def _add_second_time(self, time_embedding, args, emb):
+        """Forward hook of unet.time_embedding: the timestep embedding plus the second time's and the guidance
+        conditions' (in models built with them; a bound method, so a deepcopy (EMA) hooks the copy's own embedders)."""
+        if self.dt_embedder is not None:
+            emb = emb + self.dt_embedder[1](self.dt_embedder[0](self._dt).to(emb.dtype))
+        for i, embedder in enumerate(self.guidance_embedders()):
+            emb = emb + embedder[1](embedder[0](self._guidance[:, i]).to(emb.dtype))
+        return emb
+
+    def forward(self, x, t, y=None, dt=None, guidance=None):
         """
         x: (N, C, H, W) images or latents; t: (N,) timesteps, int or float; y: (N,) class ids, or None for
-        the null class; dt: (N,) the second time (models built with second_time only; None: zeros). Returns
+        the null class; dt: (N,) the second time (models built with second_time only; None: zeros); guidance: (N, 3)
+        iMF's (1 - 1/omega, t_min, t_max) (models built with guidance_cond only; None: zeros). Returns
         (N, C_out, H, W).
         """
         if y is None:
@@ -223,15 +241,21 @@ class UNet(nn.Module):
         if self.dt_embedder is None and dt is not None:
             raise ConfigError("this network was built without second_time, so it takes no dt; the one-step "
                               "objectives (diffusion=meanflow | shortcut) build it with one")
+        if self.omega_embedder is None and guidance is not None:
+            raise ConfigError("this network was built without guidance_cond, so it takes no guidance conditions; "
+                              "diffusion=meanflow diffusion.variant=imf builds it with them")
         if self.dt_embedder is not None:
             self._dt = torch.zeros(t.shape, device=x.device) if dt is None else torch.as_tensor(dt).expand(t.shape)
+        if self.omega_embedder is not None:
+            self._guidance = torch.zeros(*t.shape, len(GUIDANCE_CONDITIONS), device=x.device) if guidance is None \
+                else guidance
         try:
             if self.conditioning == "cross-attn":
                 context = self.class_embedder(y)[:, None]               # (N, 1, context_dim)
                 return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]  # (N, C_out, H, W)
             return self.unet(x, t, class_labels=y, return_dict=False)[0]                   # (N, C_out, H, W)
         finally:
-            self._dt = None
+            self._dt, self._guidance = None, None
 
 
 #################################################################################
