@@ -3,6 +3,7 @@
     python benchmarks/digits_quality.py                                   # DDPM vs flow, each with its sampler
     python benchmarks/digits_quality.py --configs flow:diffusion=flow flow-uniform:diffusion=flow,diffusion.time_sampling=uniform
     python benchmarks/digits_quality.py --configs default: --budgets      # just the default, no time-to-quality
+    python benchmarks/digits_quality.py --configs meanflow:diffusion=meanflow,sample.steps=1 --sample-steps 2 4
 
 Each config NAME:OVERRIDES (comma-separated train.py overrides; `sample.*` ones also choose the sampler that judges)
 is trained once into <out>/<NAME> with a checkpoint every --ckpt-every steps. Its final checkpoint, and the newest
@@ -130,6 +131,9 @@ def main():
     parser.add_argument("--skip-train", action="store_true", help="judge existing runs in --out")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--cfg-scale", type=float, nargs="+", default=[1.0], help="judge the final checkpoint at each")
+    parser.add_argument("--sample-steps", type=int, nargs="*", default=[],
+                        help="judge the final checkpoint with each of these sampler step counts too (one-step "
+                             "objectives: 1 2 4), beside the config's own sample.steps")
     args = parser.parse_args()
     out_root = Path(args.out)
 
@@ -150,10 +154,14 @@ def main():
         final = int(ckpts[-1].stem)
         row = {"config": name, "overrides": train_overrides, "steps": final, "train_seconds": seconds[final],
                "train_wall_seconds": wall, "final": [], "budgets": []}
+        own = [o for o in sample_overrides if not o.startswith("steps=")]
         for scale in args.cfg_scale:
             judged = sample_and_judge(ckpts[-1], run_dir / "samples" / f"judge-final-cfg{scale:g}", sample_overrides,
                                       args.num_samples, scale)
             row["final"].append(judged)
+            for steps in args.sample_steps:
+                row["final"].append(sample_and_judge(ckpts[-1], run_dir / "samples" / f"judge-final-cfg{scale:g}-"
+                                                     f"steps{steps}", [*own, f"steps={steps}"], args.num_samples, scale))
         for budget in args.budgets:
             within = [int(p.stem) for p in ckpts if seconds.get(int(p.stem), np.inf) <= budget]
             if not within:

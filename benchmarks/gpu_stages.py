@@ -8,6 +8,9 @@ user would (under torchrun where the check is about processes), reads what they 
     python benchmarks/gpu_stages.py parallel --work DIR    # FSDP against DDP on a flow objective in bf16 (2 GPUs; with
                                                            #   one, both at world size 1, and it says so)
     python benchmarks/gpu_stages.py sample --work DIR      # sample.py in bf16 and in fp32 from the train stage's run
+    python benchmarks/gpu_stages.py isoflop --work DIR     # one isoFLOP point of experiment=isoflop-imagenet256 (μP,
+                                                           #   DiT-XL/2's blocks at width 288) on synthetic latents:
+                                                           #   steps, images/s, achieved TFLOP/s, GPU-hours per budget
 
 --device cpu --tiny: the same commands on the CPU (gloo) with a tiny model, batch and step count: the check's dry run.
 All runs and the image folder they read live under --work.
@@ -26,11 +29,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# (GPU, --tiny): the network, image size (pixel space: no VAE weights needed), batch, steps per half of the train stage.
+# (GPU, --tiny): the network, image size (pixel space: no VAE weights needed), batch, steps per half of the train stage;
+# iso_*: the isoflop stage's point (width, extra model overrides, images per latent cache, their resolution, batch,
+# budget: 5e14 buys 79 steps of the 8.21-Gflop width-288 model at batch 256; the tiny one 4 steps of a 2-block model).
 SIZES = {False: dict(model="DiT-S-2", image_size=32, batch=64, steps=10, workers=4, precision="bf16", samples=64,
-                     sample_steps=25),
+                     sample_steps=25, iso_width=288, iso_model=[], iso_images=2048, iso_image_size=256,
+                     iso_batch=256, iso_flops=5e14, iso_log_every=10, iso_eval_images=256),
          True: dict(model="DiT-T-8", image_size=16, batch=4, steps=2, workers=1, precision="fp32", samples=2,
-                    sample_steps=2)}
+                    sample_steps=2, iso_width=72, iso_model=["+model.kwargs.depth=2"], iso_images=8, iso_image_size=32,
+                    iso_batch=4, iso_flops=3e7, iso_log_every=1, iso_eval_images=4)}
+# docs/scaling.md "At scale" (and conf/experiment/isoflop-imagenet256.yaml) turn budgets into GPU-hours at this share
+# of an H100's dense bf16 peak (benchmarks/throughput.py GPU_PEAKS) in hardware FLOPs (2x the paper's unit).
+ASSUMED_MFU, ASSUMED_GPU = 0.40, "H100"
 
 
 def run(args, expect=0, **kwargs):
@@ -208,7 +218,97 @@ def stage_sample(work, size, device, check):
               f"pixels more than 8 levels apart")
 
 
-STAGES = {"train": stage_train, "parallel": stage_parallel, "sample": stage_sample}
+def synthetic_latents(root, num_images, image_size, vae_id, scaling_factor, classes=10):
+    """A complete latent cache of random posteriors, as extract_latents.py would write for `vae_id` (SD-VAE: 4
+    channels, 8x down): means N(0, 1) / scaling_factor (unit variance once scaled), log-variances -6, labels cycling
+    over `classes`. Data for speed only: the GPU machine has no ImageNet and no VAE weights."""
+    from data.latents import ShardWriter, make_manifest, write_labels, write_manifest
+    root.mkdir(parents=True, exist_ok=True)
+    latent = image_size // 8
+    manifest = make_manifest(vae=vae_id, scaling_factor=scaling_factor, image_size=image_size, latent_channels=4,
+                             latent_size=latent, num_images=num_images, classes=[f"class{c}" for c in range(classes)],
+                             shard_size=num_images, dtype="float16", source="synthetic (benchmarks/gpu_stages.py)")
+    rng = np.random.default_rng(0)
+    moments = np.concatenate([rng.standard_normal((num_images, 2, 4, latent, latent)) / scaling_factor,
+                              np.full((num_images, 2, 4, latent, latent), -6.0)], axis=2).astype(np.float16)
+    writer = ShardWriter(root, 0, num_images, moments.shape[1:], "float16")
+    writer.write(moments)
+    writer.commit()
+    write_labels(root, np.arange(num_images) % classes)
+    write_manifest(root, {**manifest, "complete": True})
+    return root
+
+
+def stage_isoflop(work, size, device, check):
+    """One point of experiment=isoflop-imagenet256 as its sweep would run it (μP, DiT-XL/2's blocks at a narrow width,
+    bf16, batch 256, the flow objective, a train.flops budget, the final evaluation loss), on a synthetic latent cache
+    (random posteriors under SD-VAE's name; a small random AutoencoderKL stands in for SD-VAE to decode the final
+    grid): the throughput that turns the experiment's budgets into GPU-hours, beside the one docs/scaling.md assumes."""
+    import torch
+    from diffusers import AutoencoderKL
+    from omegaconf import OmegaConf
+    from benchmarks.throughput import GPU_PEAKS
+    from utils.logger import read_metrics
+
+    sd_vae = OmegaConf.load(ROOT / "conf" / "vae" / "sd-vae-ft-ema.yaml")   # the experiment's tokenizer
+    experiment = OmegaConf.load(ROOT / "conf" / "experiment" / "isoflop-imagenet256.yaml")
+    budgets = [float(v) for v in str(experiment.hydra.sweeper.params["train.flops"]).split(",")]
+    scaling = 0.18215
+    cache = synthetic_latents(work / "iso-latents", size["iso_images"], size["iso_image_size"], sd_vae.id, scaling)
+    vae_dir = work / "iso-vae"
+    if not (vae_dir / "config.json").exists():
+        torch.manual_seed(0)
+        AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                      block_out_channels=(32,) * 4, layers_per_block=1, latent_channels=4,
+                      scaling_factor=scaling).save_pretrained(vae_dir)
+    run_dir, width, batch = work / "isoflop", size["iso_width"], size["iso_batch"]
+    result = run(["train.py", "experiment=isoflop-imagenet256", f"model.width={width}", *size["iso_model"],
+                  f"data.path={cache}", f"data.image_size={size['iso_image_size']}", f"eval.path={cache}",
+                  f"eval.num_images={size['iso_eval_images']}", f"vae.path={vae_dir}", f"train.flops={size['iso_flops']}",
+                  f"train.batch_size={batch}", f"train.log_every={size['iso_log_every']}", f"device={device}",
+                  f"precision={size['precision']}", f"data.num_workers={size['workers']}", "logger=none",
+                  "sample.steps=2", "sample.per_class=1", f"run_dir={run_dir}"])
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    windows = [r for r in rows if "step_time" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    check("train.py runs experiment=isoflop-imagenet256 to its budget", result.returncode == 0 and bool(windows))
+    if not windows:
+        return
+    gflops, steps = windows[-1]["gflops"], windows[-1]["step"]
+    expected = round(size["iso_flops"] / (3 * gflops * 1e9 * batch))
+    check("the budget bought the steps train.flops says", steps == expected,
+          f"{steps} steps (train.flops {size['iso_flops']:.3g} / (3 x {gflops:.3f} Gflops x 1e9 x batch {batch}) = "
+          f"{expected})")
+    # Throughput over the windows after the first (it holds the start-up: cuBLAS handles, kernels' first calls).
+    timed = windows[1:] or windows
+    counts = [r["step"] - p["step"] for p, r in zip(windows, windows[1:])] if len(windows) > 1 else [windows[0]["step"]]
+    seconds = sum(r["step_time"] * n for r, n in zip(timed, counts))
+    step_time = seconds / sum(counts)
+    paper = 3 * gflops * 1e9 * batch / step_time / 1e12            # TFLOP/s in the DiT paper's unit (multiply-adds)
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    peak = next((bf16 for key, (bf16, _) in GPU_PEAKS.items() if key in name), None)
+    assumed = ASSUMED_MFU * GPU_PEAKS[ASSUMED_GPU][0] / 2          # the same in the paper's unit
+    print(f"isoFLOP point: DiT-XL/2's blocks at width {width} (μP, base width {experiment.model.base_width}), "
+          f"{gflops:.3f} Gflops per image, "
+          f"batch {batch}, {size['precision']}, budget {size['iso_flops']:.3g} -> {steps} steps, on {name}")
+    print(f"  images/s: {batch / step_time:.1f} (step {step_time * 1000:.1f} ms, mean of steps "
+          f"{windows[0]['step'] + 1 if len(windows) > 1 else 1}-{steps}: the first window is warm-up)")
+    print(f"  achieved: {paper:.1f} TFLOP/s in the DiT paper's unit (3 x Gflops x batch x steps / time); hardware "
+          f"{2 * paper:.1f} TFLOP/s" + (f" = {2 * paper / peak:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""))
+    print(f"  assumed by docs/scaling.md \"At scale\": {assumed:.1f} TFLOP/s in the paper's unit (hardware "
+          f"{2 * assumed:.1f} = {ASSUMED_MFU:.0%} of an {ASSUMED_GPU}'s {GPU_PEAKS[ASSUMED_GPU][0]:.0f}): measured / "
+          f"assumed = {paper / assumed:.2f}")
+    if evals:
+        print(f"  final eval_loss {evals[-1]['eval_loss']:.4f} (EMA {evals[-1].get('eval_loss_ema', math.nan):.4f}) at "
+              f"step {evals[-1]['step']}: random latents, so a check that it is finite, not a quality")
+    check("a finite final eval_loss", bool(evals) and math.isfinite(evals[-1]["eval_loss"]))
+    print(f"  GPU-hours per run of experiment=isoflop-imagenet256 at this throughput / as assumed (training only, "
+          f"at width {width}'s utilisation: wider models may reach a higher one):")
+    for budget in budgets:
+        print(f"    {budget:.0e}: {budget / (paper * 1e12) / 3600:9.3g} / {budget / (assumed * 1e12) / 3600:.3g}")
+
+
+STAGES = {"train": stage_train, "parallel": stage_parallel, "sample": stage_sample, "isoflop": stage_isoflop}
 
 
 def main():

@@ -1,8 +1,20 @@
-"""Training images/s from a latent cache against encoding with the VAE on the fly, DiT-S/2 at 256x256.
+"""Training images/s from a latent cache against encoding with the VAE on the fly, DiT-S/2 at 256x256; and, with
+--codecs, each tokenizer's encode and decode alone.
 
     python benchmarks/latent_cache.py           # CPU: batch 2, 3 timed steps, 4 images; about 2-3 minutes on 2 cores
     python benchmarks/latent_cache.py --device cuda --batch-size 64 --steps 20 --warmup 5 --images 512 \
         --workers 8 --precision bf16
+    python benchmarks/latent_cache.py --codecs --device cuda --batch-size 32 --steps 3   # the GPU check's stage
+    python benchmarks/latent_cache.py --codecs --tiny --image-size 64 --batch-size 2 --steps 1   # its CPU dry run
+
+--codecs times encode (images -> the encoder's output: posterior moments or DC-AE's latent) and decode (latents ->
+images) of the SD-VAE architecture (conf/vae/sd-vae-ft-*, and sdxl-vae: SDXL retrained the same architecture) and of
+DC-AE f32c32 (conf/vae/dc-ae-f32c32: mit-han-lab/dc-ae-f32c32-in-1.0), random weights from the configs below (speed
+does not depend on the weights), at --image-size (256) and --batch-size, as images/s over --steps calls after
+--warmup, in fp32 (TF32 off: what models/vae.py asks for), tf32 (TF32 matmuls and convolutions: train.py's tf32=true
+on the VAE inside a training step) and bf16 (weights and inputs cast: a possible fast path, not what the code runs).
+--tiny: small widths of the same block types (the CPU dry run). RAE is not timed: diffusers' AutoencoderRAE needs
+transformers for its DINOv2 encoder.
 
 Both runs do what train.py does per step, with train.py's own helpers: load a batch through a DataLoader driven
 by the step-indexed sampler, draw the step's flips and posterior noise, build the latents (on the fly: ADM crop of
@@ -43,6 +55,26 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncod
                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
                      layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=256,
                      scaling_factor=0.18215)
+# DC-AE f32c32, the ImageNet release (mit-han-lab/dc-ae-f32c32-in-1.0-diffusers, conf/vae/dc-ae-f32c32): 6 stages
+# (3 residual, 3 EfficientViT), 32x downsampling, 32 channels; 323M parameters.
+DC_AE_F32C32_CONFIG = dict(in_channels=3, latent_channels=32, attention_head_dim=32,
+                           encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+                           decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+                           encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+                           decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+                           encoder_layers_per_block=(0, 4, 8, 2, 2, 2), decoder_layers_per_block=(0, 5, 10, 2, 2, 2),
+                           encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6,
+                           decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 3,
+                           decoder_act_fns=("relu",) * 3 + ("silu",) * 3, scaling_factor=0.3189)
+# --tiny: the same block types at CPU widths (the GPU check's dry run).
+TINY_CODECS = {
+    "SD-VAE": {**SD_VAE_CONFIG, "block_out_channels": (32, 32, 32, 32), "layers_per_block": 1},
+    "DC-AE f32c32": {**DC_AE_F32C32_CONFIG, "attention_head_dim": 8,
+                     "encoder_block_out_channels": (8, 16, 16, 16, 32, 32),
+                     "decoder_block_out_channels": (8, 16, 16, 16, 32, 32),
+                     "encoder_layers_per_block": (0, 1, 1, 1, 1, 1), "decoder_layers_per_block": (0, 1, 1, 1, 1, 1)},
+}
+CODECS = {"SD-VAE": SD_VAE_CONFIG, "DC-AE f32c32": DC_AE_F32C32_CONFIG}
 
 
 def sync(device):
@@ -110,6 +142,68 @@ def train_throughput(dataset, vae, cached, args, device):
     return b * args.steps / (time.perf_counter() - start)
 
 
+def codec_speed(args, device):
+    """--codecs: images/s of encode and decode of each tokenizer architecture, per precision; the Gflops per image."""
+    from diffusers import AutoencoderDC
+
+    b, size = args.batch_size, args.image_size
+    print(f"tokenizers at {size}x{size}, batch {b}, {args.steps} timed calls after {args.warmup} warm-up, device "
+          f"{device}, torch {torch.__version__}, random weights" + (" (--tiny: CPU widths)" if args.tiny else ""))
+    cuda = device.type == "cuda"
+    for name, config in (TINY_CODECS if args.tiny else CODECS).items():
+        torch.manual_seed(0)
+        with device:
+            ae = (AutoencoderKL if name == "SD-VAE" else AutoencoderDC)(**config).eval().requires_grad_(False)
+        kl = name == "SD-VAE"
+
+        def encode(x):   # what models/vae.py's encode_moments keeps: posterior [mean; log-variance], or the latent
+            out = ae.encode(x)
+            return torch.cat([out.latent_dist.mean, out.latent_dist.logvar], 1) if kl else out.latent
+
+        def decode(z):
+            return ae.decode(z).sample
+
+        x = torch.rand(b, 3, size, size, device=device) * 2 - 1
+        z = encode(x[:1])
+        z = torch.randn(b, z.shape[1] // (2 if kl else 1), *z.shape[2:], device=device)
+        with FlopCounterMode(display=False) as counter:
+            encode(x[:1])
+        enc_gflops = counter.get_total_flops() / 2e9
+        with FlopCounterMode(display=False) as counter:
+            decode(z[:1])
+        params = sum(p.numel() for p in ae.parameters()) / 1e6
+        print(f"  {name}: {params:.1f}M parameters; latents {'x'.join(map(str, z.shape[1:]))}; encoder "
+              f"{enc_gflops:.1f}, decoder {counter.get_total_flops() / 2e9:.1f} Gflops per image")
+        for precision in ("fp32", "tf32", "bf16"):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            torch.nn.Module.to(ae, dtype)   # as nn.Module does (diffusers' own .to warns about keep-in-fp32 modules)
+            line = []
+            for what, fn, inp in (("encode", encode, x.to(dtype)), ("decode", decode, z.to(dtype))):
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    for _ in range(args.warmup):
+                        fn(inp)
+                    sync(device)
+                    start = time.perf_counter()
+                    for _ in range(args.steps):
+                        fn(inp)
+                    sync(device)
+                    seconds = (time.perf_counter() - start) / args.steps
+                    memory = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
+                    line.append(f"{what} {b / seconds:8.1f} images/s ({seconds * 1000:.0f} ms/batch{memory})")
+                except torch.OutOfMemoryError:
+                    line.append(f"{what} OOM")
+                    torch.cuda.empty_cache()
+            print(f"    {precision}: " + "; ".join(line), flush=True)
+        del ae
+        if cuda:
+            torch.cuda.empty_cache()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = True   # torch's defaults
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -122,10 +216,17 @@ def main():
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="autocast of the DiT")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--codecs", action="store_true", help="time the tokenizers' encode and decode instead "
+                        "(SD-VAE = SDXL-VAE architecture, DC-AE f32c32; fp32, tf32, bf16)")
+    parser.add_argument("--tiny", action="store_true", help="with --codecs: CPU widths (the GPU check's dry run)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.codecs:
+        with torch.inference_mode():
+            codec_speed(args, device)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from utils.errors import ConfigError, MissingFile
+from utils.errors import ConfigError, MissingFile, report_user_errors
 from utils.files import atomic_write_text
 from utils.logger import read_metrics
 
@@ -529,4 +529,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    report_user_errors(main)()   # a user's mistake (no runs, too few sizes): one line, no traceback

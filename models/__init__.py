@@ -42,6 +42,8 @@ def with_width(name, kwargs, width=None, head_width=None):
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     if name.startswith("UNet"):
+        if head_width is not None:
+            raise ConfigError("model.head_width is a DiT's; a U-Net's heads are model.kwargs.head_channels wide")
         return {**kwargs, "model_channels": int(width)}
     size = {**DIT_SIZES, **EXTRA_SIZES, **LIGHTNINGDIT_SIZES}.get(name.split("-")[1].split("/")[0])
     if size is None or not name.startswith(("DiT-", "LightningDiT-")):

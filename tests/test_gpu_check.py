@@ -18,9 +18,16 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 def test_the_gpu_check_fits_one_device_run_and_spends_it_on_the_gpu():
     text = SCRIPT.read_text()
     stages = re.findall(r"^stage (\d+) +\"([^\"]+)\" +(.*)$", text, re.M)
-    assert len(stages) == 7 and sum(int(limit) for limit, _, _ in stages) <= 480   # of 600 s: the rest is set-up
+    assert len(stages) == 11 and sum(int(limit) for limit, _, _ in stages) <= 480  # of 600 s: the rest is set-up
     tests = [command for _, _, command in stages if "pytest" in command]           # CPU-only tests run in CI
     assert len(tests) == 1 and "-m gpu tests/test_gpu.py" in tests[0]
+    commands = " ".join(command for _, _, command in stages)
+    for script in ("benchmarks.mup_coordcheck", "gpu_stages.py isoflop", "latent_cache.py --codecs",
+                   "onestep_cost.py --objectives flow meanflow imf"):   # issues 29-31's measurements
+        assert script in commands, script
+    header = text[:text.index("set -uo pipefail")]
+    listed = [int(n) for n in re.findall(r"^# +(\d+)  \S", header, re.M)]     # the header's stage list and limits
+    assert listed == [int(limit) for limit, _, _ in stages], listed
 
 
 @pytest.mark.slow
@@ -31,10 +38,14 @@ def test_the_gpu_check_runs_whole_on_the_cpu(tmp_path):
                             env=env, timeout=1800)
     out = result.stdout
     rcs = re.findall(r"^== rc (\d+) in \d+s$", out, re.M)
-    assert len(rcs) == 7 and set(rcs) == {"0"} and result.returncode == 0, out[-8000:] + result.stderr[-2000:]
-    assert out.count("all checks passed") == 3, out                                  # train, sample, parallel
+    assert len(rcs) == 11 and set(rcs) == {"0"} and result.returncode == 0, out[-8000:] + result.stderr[-2000:]
+    assert out.count("all checks passed") == 4, out                         # train, sample, parallel, isoflop
     assert len(re.findall(r"activation checkpointing (on|off): step [\d.]+ s", out)) == 6, out   # 3 recipes x 2
     assert re.search(r"torch\.compile \(aot_eager\): [1-9]\d* graph\(s\)", out), out
+    assert re.search(r"^verdict dit \(widths 16, 32\): ", out, re.M) and (tmp_path / "mup_coordcheck.png").exists(), out
+    assert re.search(r"achieved: [\d.]+ TFLOP/s in the DiT paper's unit", out) and "final eval_loss" in out, out
+    assert len(re.findall(r"^    (fp32|tf32|bf16): encode +[\d.]+ images/s .*; decode +[\d.]+ images/s", out, re.M)) == 6
+    assert re.search(r"^  imf +[\d.]+ ms/step +\([\d.]+x flow\)", out, re.M), out
     assert "stage limits: 480 s" in out and "0 stage(s) failed" in (tmp_path / "gpu-check.log").read_text()
 
 

@@ -121,7 +121,9 @@ def test_holdout_predicts_the_largest_budget(sweep):
     for approach in ("approach2", "approach3"):
         p = held[approach]
         assert abs(p["loss_pct"]) < 0.5 and abs(p["reducible_pct"]) < 10 and p["grid_steps"] < 1, (approach, p)
-        assert all(p["passed"].values())
+        assert abs(p["vertex_loss_pct"]) < 0.5 and all(p["passed"].values())
+        vertex = held["observed"]["L_vertex"]   # the error against the held-out parabola's vertex, as defined
+        assert p["vertex_loss_pct"] == pytest.approx(100 * (p["L"] - vertex) / vertex)
         assert abs(math.log10(p["N"] / optima[BUDGETS[-1]])) < STEP_DEX
     # The observed side: the best size's mean over both seeds, and that budget's own vertex.
     best = held["observed"]["best_loss"]

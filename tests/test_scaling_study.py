@@ -25,10 +25,17 @@ def test_a_dit_widens_by_heads_of_the_named_sizes_width():
     assert with_width("LightningDiT-B/1", {}, 128) == {"hidden_size": 128, "num_heads": 2}
     assert with_width("UNet-T8", {"norm_groups": 8}, 48) == {"norm_groups": 8, "model_channels": 48}
     assert with_width("DiT-Mini/2", {"depth": 2}, None) == {"depth": 2}
+    assert with_width("DiT-Mini/2", {}, 24, head_width=8) == {"hidden_size": 24, "num_heads": 3}
     model = build_model(dict(name="DiT-Mini/2", **DIGITS, **with_width("DiT-Mini/2", {}, 64)))
     assert model.blocks[0].attn.num_heads == 2 and model.x_embedder.proj.out_channels == 64
     with pytest.raises(ConfigError, match="multiple of 32"):
         with_width("DiT-Mini/2", {}, 48)
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        with_width("DiT-Mini/2", {}, 24, head_width=16)
+    with pytest.raises(ConfigError, match="set model.width too"):
+        with_width("DiT-Mini/2", {}, None, head_width=8)
+    with pytest.raises(ConfigError, match="head_channels"):
+        with_width("UNet-T8", {}, 16, head_width=8)
     with pytest.raises(ConfigError, match="drop model.kwargs.hidden_size"):
         with_width("DiT-Mini/2", {"hidden_size": 64}, 64)
     with pytest.raises(ConfigError, match="not JiT-H/16"):   # no size table of its own: widths go in model.kwargs
@@ -132,10 +139,10 @@ def test_the_isoflop_sweeps_compose_with_budgets_sizes_and_seeds_as_the_protocol
     assert len(flops) == budgets and all(b / a >= 3 for a, b in zip(flops, flops[1:]))
     widths = [int(w) for w in params["model.width"].split(",")]
     assert len(widths) >= 5 and len(params["seed"].split(",")) >= 2
-    assert cfg.model.param == "mup" and cfg.model.base_width == min(widths) and cfg.optim.cooldown_fraction > 0
-    assert cfg.eval.every > 0 and cfg.logger.group == name.removesuffix("-unet")
+    assert cfg.model.param == "mup" and min(widths) <= cfg.model.base_width <= max(widths)
+    assert cfg.optim.cooldown_fraction > 0 and cfg.eval.every > 0 and cfg.logger.group == name.removesuffix("-unet")
     for width in widths:   # every width of the grid builds, and every budget buys a step of the widest
-        kwargs = with_width(cfg.model.name, cfg.model.kwargs, width)
+        kwargs = with_width(cfg.model.name, cfg.model.kwargs, width, cfg.model.head_width)
     size = 32 if "imagenet" in name else 8
     shape = (4, size, size) if "imagenet" in name else (1, 8, 8)
     gflops = model_stats(lambda: build_model(dict(name=cfg.model.name, input_size=size, in_channels=shape[0],
@@ -168,3 +175,12 @@ def test_the_collector_prefers_the_evaluation_loss_and_never_averages_it(tmp_pat
     assert sorted(r["value"] for r in result["records"]) == [0.4, 0.5]     # the last row's, not a mean of three
     assert result["fits"]["gflops"]["b"] < 0
     assert scaling.collect([tmp_path / "runs"], out_dir=tmp_path / "fid", metric="fid")["metric"] == "fid"
+
+
+def test_the_collectors_command_line_reports_a_users_mistake_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    for sub in ("isoflop", "lr"):
+        done = subprocess.run([sys.executable, "-m", "evaluation.scaling", sub, str(tmp_path)], cwd=ROOT,
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done
