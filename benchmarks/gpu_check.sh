@@ -111,8 +111,8 @@ if [ "$dry" = 1 ]; then
   dev=(--device cpu --tiny); probe=(--device cpu --tiny --precision fp32)
   xl=(--model DiT-T/2 --image-size 32 --batch-size 2 --device cpu --precision fp32 --peak 1 --compile-backend aot_eager)
   short=(--steps 1 --warmup 1); long=(--steps 1 --warmup 1)
-  coord=(--device cpu --base 16 --head 8 --mults 1 2 --steps 4)
-  codecs=(--device cpu --tiny --image-size 64 --batch-size 2 --warmup 1 --steps 1)
+  coord=(--device cpu --base 32 --head 16 --mults 1 2 --steps 5 --strict)   # tests/test_mup.py's widths: μP holds
+  codecs=(--device cpu --tiny --image-size 32 --batch-size 2 --warmup 1 --steps 1)
   onestep=(--models DiT-T/2:4x8x8:2 --device cpu --precision fp32 --warmup 1 --repeat 1)
 else
   dev=(--device cuda); probe=(--device cuda)

@@ -5,7 +5,7 @@
     python benchmarks/latent_cache.py --device cuda --batch-size 64 --steps 20 --warmup 5 --images 512 \
         --workers 8 --precision bf16
     python benchmarks/latent_cache.py --codecs --device cuda --batch-size 32 --steps 3   # the GPU check's stage
-    python benchmarks/latent_cache.py --codecs --tiny --image-size 64 --batch-size 2 --steps 1   # its CPU dry run
+    python benchmarks/latent_cache.py --codecs --tiny --image-size 32 --batch-size 2 --steps 1   # its CPU dry run
 
 --codecs times encode (images -> the encoder's output: posterior moments or DC-AE's latent) and decode (latents ->
 images) of the SD-VAE architecture (conf/vae/sd-vae-ft-*, and sdxl-vae: SDXL retrained the same architecture) and of
