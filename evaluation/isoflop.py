@@ -40,6 +40,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,7 @@ HUBER_DELTA = 1e-3          # Hoffmann et al.'s delta, on log L
 TARGETS = {"loss_pct": 0.5, "reducible_pct": 10.0, "grid_steps": 1.0,   # the held-out check's pass marks
            "vertex_loss_pct": 0.5}
 EXTRAPOLATE = 10.0          # predictions and figures reach a decade past the largest budget
+FAR_DEX = 3.0               # a parabola's vertex this many decades outside its sizes: no minimum, a failed fit
 
 
 class FitFailed(RuntimeError):
@@ -238,6 +240,10 @@ def isoflop_profile(runs, C):
     if len(sizes) < 3:
         raise FitFailed(f"C={C:.3g} has {len(sizes)} distinct model sizes; a parabola needs 3")
     by_N, by_D = fit_parabola(np.log10(N), L), fit_parabola(np.log10(D), L)
+    for q, fit, x in (("N", by_N, np.log10(N)), ("D", by_D, np.log10(D))):
+        if abs(fit["vertex_x"] - np.clip(fit["vertex_x"], x.min(), x.max())) > FAR_DEX:   # (NaN: opens downward)
+            raise FitFailed(f"C={C:.3g}: the parabola in {q} has its vertex at 10^{fit['vertex_x']:.3g}, more than "
+                            f"{FAR_DEX:g} decades outside the sampled {q}: no minimum near these sizes")
     means = [L[N == n].mean() for n in sizes]
     best = int(np.argmin(means))
     return dict(C=C, runs=len(runs), sizes=len(sizes), N_range=[float(sizes[0]), float(sizes[-1])],
@@ -537,7 +543,8 @@ def bootstrap_family(records, fit, resamples=1000, seed=0, progress=True):
         try:
             refit = fit_family(drawn, gflops_of=fit["_gflops_of"], starts=start, grid=6, quiet=True)
         except (FitFailed, np.linalg.LinAlgError) as error:
-            reason = str(error).split(";")[0]
+            # Counted by kind: the numbers in a message (a loss, a vertex) differ from one resample to the next.
+            reason = re.sub(r"-?\d[\d.e+-]*", "#", str(error).split(";")[0])
             failures[reason] = failures.get(reason, 0) + 1
             continue
         samples.append(_scalars(refit))
