@@ -1,7 +1,8 @@
-"""Samples/s and quality of each sampler on one trained model, DDPM or flow.
+"""Samples/s and quality of each sampler on one trained model, DDPM, flow or one-step.
 
 DDPM models: DDPM-250, DDIM-50/25 and DPM-Solver++ at 10-25 steps. Flow models: the ODE (Euler, Heun, dopri5) and
-the SDE (Euler-Maruyama, Heun) at 10-250 steps. A sampler is NAME[-METHOD]:STEPS, e.g. ode-heun:25, sde:250,
+the SDE (Euler-Maruyama, Heun) at 10-250 steps. MeanFlow / iMF and shortcut models: their own samplers at 1, 2, 4
+and 8 steps (one network evaluation per step; docs/onestep.md). A sampler is NAME[-METHOD]:STEPS, e.g. ode-heun:25, sde:250,
 sde-heun:50, dpm-solver++:20.
 
     python train.py run_dir=runs/digits/DiT-Mini-2                       # the default digits run (~5 min)
@@ -41,6 +42,8 @@ DEFAULT_SAMPLERS = {
              "dpm-solver++:10"),
     "flow": ("sde:250", "sde:100", "sde:50", "sde-heun:50", "ode-dopri5:50", "ode-heun:50", "ode-heun:25",
              "ode-heun:10", "ode-euler:100", "ode-euler:50", "ode-euler:25", "ode-euler:10"),
+    "meanflow": ("meanflow:8", "meanflow:4", "meanflow:2", "meanflow:1"),
+    "shortcut": ("shortcut:8", "shortcut:4", "shortcut:2", "shortcut:1"),
 }
 
 
@@ -69,9 +72,9 @@ class CountingModel(torch.nn.Module):
         super().__init__()
         self.model, self.rows = model, 0
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, **conditions):   # conditions: iMF's guidance inputs
         self.rows += len(x)
-        return self.model(x, t, y)
+        return self.model(x, t, y, **conditions)
 
 
 def is_digits_model(args):

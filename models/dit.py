@@ -31,6 +31,17 @@ GUIDANCE_CONDITIONS = ("omega", "t_min", "t_max")
 MLPS = ("gelu", "swiglu")
 
 
+def refuse_unbuilt_conditions(net, dt, guidance):
+    """A DiT's or U-Net's second time `dt` or iMF guidance conditions, given to a network built without their
+    embedders (second_time, guidance_cond): refused, naming the objective that builds them."""
+    if net.dt_embedder is None and dt is not None:
+        raise ConfigError("this network was built without second_time, so it takes no dt; the one-step "
+                          "objectives (diffusion=meanflow | shortcut) build it with one")
+    if net.omega_embedder is None and guidance is not None:
+        raise ConfigError("this network was built without guidance_cond, so it takes no guidance conditions; "
+                          "diffusion=meanflow diffusion.variant=imf builds it with them")
+
+
 #################################################################################
 #                                   Helpers                                     #
 #################################################################################
@@ -481,12 +492,7 @@ class DiT(nn.Module):
         """t's embedding (N, D), plus dt's in a model built with second_time and the guidance conditions' in one built
         with guidance_cond (None: zeros, as FLOP counting calls it); an input the model was built without is
         refused."""
-        if self.dt_embedder is None and dt is not None:
-            raise ConfigError("this network was built without second_time, so it takes no dt; the one-step "
-                              "objectives (diffusion=meanflow | shortcut) build it with one")
-        if self.omega_embedder is None and guidance is not None:
-            raise ConfigError("this network was built without guidance_cond, so it takes no guidance conditions; "
-                              "diffusion=meanflow diffusion.variant=imf builds it with them")
+        refuse_unbuilt_conditions(self, dt, guidance)
         emb = self.t_embedder(t)
         if self.dt_embedder is not None:
             emb = emb + self.dt_embedder(torch.zeros_like(t) if dt is None else dt)

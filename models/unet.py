@@ -25,7 +25,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.resnet import ResnetBlock2D
 from utils.errors import ConfigError
 
-from .dit import GUIDANCE_CONDITIONS
+from .dit import GUIDANCE_CONDITIONS, refuse_unbuilt_conditions
 
 CONDITIONINGS = ("adagn", "cross-attn")
 
@@ -238,12 +238,7 @@ class UNet(nn.Module):
             y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t              # (N,)
-        if self.dt_embedder is None and dt is not None:
-            raise ConfigError("this network was built without second_time, so it takes no dt; the one-step "
-                              "objectives (diffusion=meanflow | shortcut) build it with one")
-        if self.omega_embedder is None and guidance is not None:
-            raise ConfigError("this network was built without guidance_cond, so it takes no guidance conditions; "
-                              "diffusion=meanflow diffusion.variant=imf builds it with them")
+        refuse_unbuilt_conditions(self, dt, guidance)
         if self.dt_embedder is not None:
             self._dt = torch.zeros(t.shape, device=x.device) if dt is None else torch.as_tensor(dt).expand(t.shape)
         if self.omega_embedder is not None:

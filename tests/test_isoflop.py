@@ -372,3 +372,16 @@ def test_fd_draws_sample_each_seed_once_and_cache_the_score(tmp_path, monkeypatc
     calls.clear()
     assert isoflop.score_fd_draws(record, 3, num_samples=500, reference="ref.npz") == [2.0, 3.0, 4.0]
     assert calls == []   # all three from the cache beside each sample folder
+
+
+def test_a_profile_whose_vertex_is_decades_away_is_a_failed_fit_not_an_overflow():
+    """A nearly straight profile (a bootstrap resample can draw one) puts the parabola's vertex at 10^hundreds: that
+    is no minimum near the sizes, reported as FitFailed (counted in the bootstrap), not an OverflowError."""
+    N = np.array([1e4, 2e4, 4e4, 8e4, 1.6e5])
+    runs = [dict(params=n, D=1e12 / n, loss=0.5 - 0.01 * math.log10(n) + 1e-9 * (math.log10(n) - 4.6) ** 2)
+            for n in N]
+    with pytest.raises(isoflop.FitFailed, match="decades outside"):
+        isoflop.isoflop_profile(runs, 1e12)
+    kept = [dict(r, loss=0.4 + 0.1 * (math.log10(r["params"]) - 3.7) ** 2) for r in runs]   # vertex half a decade out
+    assert isoflop.isoflop_profile(kept, 1e12)["flags"] == ["N: vertex outside the sampled range",
+                                                            "D: vertex outside the sampled range"]
