@@ -49,7 +49,7 @@ from utils.parallel import Trainables, load_optimizer_state, parallelize, sampli
 from utils.phema import write_snapshots
 import utils.resolvers  # noqa: F401  (registers the configs' resolvers)
 from utils.runlock import RunLock
-from utils.schedule import budget_steps, cooldown_steps, learning_rate
+from utils.schedule import budget_steps, schedule
 from utils.speed import adamw, attention_backend, backward_context, forward_context, resolve_precision
 
 
@@ -59,7 +59,8 @@ from utils.speed import adamw, attention_backend, backward_context, forward_cont
 NAMES_THE_RUN = ("seed", "precision", "model", "data.name", "data.image_size", "data.random_flip", "vae.name",
                  "vae.id", "vae.subfolder", "vae.scaling_factor", "vae.normalize", "vae.stats_images", "diffusion",
                  "optim.lr", "optim.betas", "optim.weight_decay", "optim.warmup_steps", "optim.cooldown_fraction",
-                 "optim.grad_clip", "train.batch_size", "train.class_dropout", "train.flops", "ema", "repa")
+                 "optim.cooldown_end", "optim.final_lr", "optim.grad_clip", "train.batch_size", "train.class_dropout",
+                 "train.flops", "ema", "repa")
 
 
 # ============================== Helpers =======================================
@@ -308,7 +309,7 @@ def setup(cfg, dist):
     sampler = StepSampler(len(run.dataset), run.global_batch, dist.rank, dist.world_size, cfg.seed, run.step)
     run.next_batch = batch_source(run.dataset, sampler, cfg.data.num_workers, device)
     run.b, run.lo = sampler.b, dist.rank * sampler.b   # this rank's slice of the global batch's random draws
-    run.cooldown = cooldown_steps(cfg.optim.cooldown_fraction, cfg.train.steps)
+    run.lr = schedule(cfg.optim, cfg.train.steps)   # step -> the rate of its update
     # bf16 autocast and the attention kernel (train.attention) for the network's forward and backward
     run.forward = forward_context(cfg.precision, device,
                                   attention_backend(cfg.train.attention, device, cfg.precision, bool(cfg.train.compile)))
@@ -332,8 +333,7 @@ def fit(run, boundary):
     run.window = MetricsWindow()   # step times count from here, not from setup
     while run.step < cfg.train.steps:
         batch = step_batch(run, run.step)
-        run.trainables.zero_grad(learning_rate(run.step, cfg.optim.lr, cfg.optim.warmup_steps, run.cooldown,
-                                               cfg.train.steps))
+        run.trainables.zero_grad(run.lr(run.step))
         losses, grad_norm = train_step(run.model, run.objective, run.trainables, batch, accum=cfg.train.grad_accum,
                                        forward=run.forward, repa=run.repa, max_norm=cfg.optim.grad_clip or math.inf)
         # Agreed by all ranks before the update: a non-finite loss or gradient norm, a stop signal, a timed checkpoint.

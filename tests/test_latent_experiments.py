@@ -6,6 +6,7 @@ import math
 import re
 import shlex
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from diffusion.transport import resolve_time_shift
 from models import count_params, create_model
 from models.dit import DIT_SIZES
 from models.ditdh import DDT_HEAD
-from utils.schedule import cooldown_steps, learning_rate
+from utils.schedule import schedule
 
 IMAGENET_TRAIN = 1_281_167          # ILSVRC-2012 train images
 EXPERIMENTS = ("lightningdit-xl1-vavae-imagenet256", "sit-xl1-e2evae-repa-imagenet256", "rae-ditdh-xl-imagenet256")
@@ -142,16 +143,32 @@ def test_rae_ditdh_recipe_holds_the_official_training_config():
     assert (s.sampler, s.ode.method, s.steps, s.time_shift, s.cfg_scale) == ("ode", "euler", 50, None, 1.0)
 
 
-def test_rae_schedule_holds_the_rate_for_40_epochs_then_decays_until_epoch_800():
+def rae_linear_lr(step, per_epoch, base_lr=2e-4, final_lr=2e-5, warmup_epochs=40, decay_end_epoch=800):
+    """bytetriper/RAE a4d18c4 src/utils/optim_utils.py build_scheduler, type linear, warmup_from_zero false: LambdaLR's
+    factor of update `step` (scheduler.step() after each optimizer step), times the base rate; its formula restated."""
+    warmup, end = int(warmup_epochs * per_epoch), int(decay_end_epoch * per_epoch)
+    if step < warmup:
+        return base_lr
+    if step >= end:
+        return base_lr * (final_lr / base_lr)
+    return base_lr * (1.0 - (1.0 - final_lr / base_lr) * (step - warmup) / max(end - warmup, 1))
+
+
+def test_rae_schedule_equals_raes_linear_scheduler_at_every_step():
     cfg = recipe("rae-ditdh-xl-imagenet256")
-    per_epoch, total = IMAGENET_TRAIN // 1024, cfg.train.steps
-    cool = cooldown_steps(cfg.optim.cooldown_fraction, total)
-    rate = lambda step: learning_rate(step, cfg.optim.lr, cfg.optim.warmup_steps, cool, total)
-    # warmup_epochs 40 with warmup_from_zero false: the base rate from the first step to the end of epoch 40.
-    assert rate(0) == rate(40 * per_epoch - 1) == 2e-4
-    # Then linear: RAE's reaches final_lr 2e-5 at epoch 800; this code's decays to ~0 there (no floor key).
-    assert rate(420 * per_epoch) == pytest.approx(2e-4 * 380 / 760)
-    assert rate(total - 1) < 1e-9
+    per_epoch = IMAGENET_TRAIN // 1024
+    # The released config: hold 2e-4 for 40 epochs, decay to 2e-5 at epoch 800, hold to epoch 1400.
+    rate = schedule(cfg.optim, 1400 * per_epoch)
+    steps = np.unique(np.r_[np.arange(0, 1400 * per_epoch, 997), [0, 40 * per_epoch - 1, 40 * per_epoch,
+                                                                 800 * per_epoch - 1, 800 * per_epoch]])
+    ours = np.array([rate(int(k)) for k in steps])
+    theirs = np.array([rae_linear_lr(int(k), per_epoch) for k in steps])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0)
+    assert rate(0) == rate(40 * per_epoch - 1) == 2e-4 and rate(1400 * per_epoch - 1) == pytest.approx(2e-5)
+    # This file's train.steps ends at epoch 800, the end of the decay, on the same schedule.
+    assert cfg.train.steps == 800 * per_epoch
+    assert [schedule(cfg.optim, cfg.train.steps)(int(k)) for k in steps[steps < cfg.train.steps]] == [
+        rate(int(k)) for k in steps[steps < cfg.train.steps]]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -223,11 +240,12 @@ def test_the_fid_commands_use_the_published_sampler_settings():
     assert (cfg.num_samples, cfg.sampler, cfg.ode.method, cfg.steps, cfg.guidance, cfg.cfg_scale, cfg.time_shift,
             cfg.guidance_low, cfg.guidance_high) == (50000, "ode", "euler", 50, "auto", 1.42, None, None, None)
     assert cfg.guide_ckpt
-    # the guide: DiT^DH-S, 14 epochs of the same recipe, still at the constant rate
+    # the guide: DiT^DH-S, the first 14 epochs of the same schedule, the constant 2e-4 of its first 40
     (main, guide) = header_commands("rae-ditdh-xl-imagenet256", "train.py")
     cfg = compose_config(overrides=guide)
     assert cfg.model.name == "DiTDH-S/1" and cfg.train.steps == 14 * (IMAGENET_TRAIN // 1024)
-    assert cfg.optim.cooldown_fraction == 0 and cfg.ema.decay == 0.9995
+    assert {schedule(cfg.optim, cfg.train.steps)(k) for k in range(0, cfg.train.steps, 97)} == {2e-4}
+    assert cfg.ema.decay == 0.9995
 
 
 def test_the_old_sd_vae_stand_in_is_gone_and_docs_name_the_new_files():

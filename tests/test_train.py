@@ -32,6 +32,8 @@ from conftest import (
 )
 from models import MODELS
 from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_model_weights
+from utils.errors import ConfigError
+from utils.schedule import learning_rate, schedule
 
 
 def group_options(group):
@@ -248,12 +250,28 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, objective):
 
 
 def test_learning_rate_warms_up_holds_and_cools_down():
-    lr = lambda step, cooldown: train_script.learning_rate(step, 2.0, 4, cooldown, 20)
+    lr = lambda step, cooldown: learning_rate(step, 2.0, 4, cooldown, 20)
     assert [lr(s, 0) for s in range(20)] == pytest.approx([0.5, 1.0, 1.5] + [2.0] * 17)
     # The last 5 of 20 updates fall linearly, step 19 (the 20th update) at base / 5; before them warm-up and hold.
     assert [lr(s, 5) for s in range(20)] == pytest.approx([0.5, 1.0, 1.5] + [2.0] * 13 + [1.6, 1.2, 0.8, 0.4])
     # A cool-down longer than the run after warm-up: the smaller of the two factors.
     assert lr(0, 20) == pytest.approx(0.5) and lr(10, 20) == pytest.approx(1.0)
+
+
+def test_learning_rate_decays_to_a_floor_and_holds_it_after_the_decays_end():
+    optim = lambda **kw: OmegaConf.create({"lr": 2.0, "warmup_steps": 0, "cooldown_fraction": 0.5, **kw})
+    # Decay over the last 4 of 8 steps to 0.4, then the floor to step 12; the rate falls by (2 - 0.4) / 4 a step.
+    rate = schedule(optim(cooldown_end=8, final_lr=0.4), 12)
+    assert [rate(s) for s in range(12)] == pytest.approx([2.0] * 5 + [1.6, 1.2, 0.8] + [0.4] * 4)
+    # No floor and no end: today's decay to base / cooldown at the last step, unchanged.
+    assert [schedule(optim(), 8)(s) for s in range(8)] == [learning_rate(s, 2.0, 0, 4, 8) for s in range(8)]
+    # A run shorter than the schedule is its prefix.
+    assert [schedule(optim(cooldown_end=8, final_lr=0.4), 6)(s) for s in range(6)] == [rate(s) for s in range(6)]
+    for bad, match in [(dict(final_lr=3.0), "final_lr=3.0 must be between 0 and optim.lr"),
+                       (dict(cooldown_end=0), "cooldown_end=0 must be a positive step"),
+                       (dict(cooldown_fraction=0.0, final_lr=0.1), "needs a decay to end at it")]:
+        with pytest.raises(ConfigError, match=match):
+            schedule(optim(**bad), 8)
 
 
 def test_cooldown_is_logged_and_resumes_exactly(tmp_path):
