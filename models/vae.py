@@ -47,11 +47,11 @@ ELEMENT_EPS = 1e-5   # RAE: z = (z - mean) / sqrt(var + eps), eps = 1e-5 (bytetr
 UNCONVERTED = {
     "hustvl/vavae-imagenet256-f16d32-dinov2": (
         "LightningDiT's VA-VAE is released as a latent-diffusion (LDM) checkpoint (vavae-imagenet256-f16d32-dinov2.pt "
-        "plus latents_stats.pt), not as a diffusers folder. Its f16d32 architecture fits AutoencoderKL (5 levels, "
-        "32 channels, attention at the 16x16 level: AttnDownEncoderBlock2D / AttnUpDecoderBlock2D there, as REPA-E's "
-        "AutoencoderKL release of the same architecture shows), but diffusers' single-file converter does not map "
-        "attention inside the levels, so the .pt does not load as it is. Convert it to an AutoencoderKL folder and set "
-        "vae.path=/that/folder, or use vae=e2e-vae (REPA-E's end-to-end-tuned VA-VAE, released as an AutoencoderKL)"),
+        "plus latents_stats.pt), not as a diffusers folder, and diffusers' single-file converter does not map its "
+        "attention inside the 16x16 level. Convert it once with `python -m models.vae_convert "
+        "vavae-imagenet256-f16d32-dinov2.pt /path/to/va-vae-f16d32` (an AutoencoderKL folder, checked against "
+        "LightningDiT's own network) and set vae.path=/path/to/va-vae-f16d32; or use vae=e2e-vae (REPA-E's "
+        "end-to-end-tuned VA-VAE, released as an AutoencoderKL)"),
 }
 
 
