@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from scipy import optimize, stats
+from tqdm import tqdm
 from utils.errors import ConfigError, MissingFile
 from utils.files import atomic_write_text
 
@@ -1111,7 +1112,7 @@ def main(argv=None):
         raise ConfigError("--bootstrap and --fd-draws count resamples and draws: give 0 or more")
     records, left_out = load_isoflop_runs(args.paths, args.metric)
     if args.fd_draws:
-        for record in records:
+        for record in tqdm(records, desc=f"FD x {args.fd_draws} draws", unit="run"):
             score_fd_draws(record, args.fd_draws, args.fd_samples, args.features, args.ref, args.weights,
                            args.sample_args)
     result = fit_isoflop(records, bootstrap=args.bootstrap, seed=args.seed, holdout=args.holdout)
