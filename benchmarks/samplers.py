@@ -166,10 +166,12 @@ def main():
     out = Path(args.out) if args.out else run_dir / "samples" / f"samplers-cfg{args.cfg_scale:g}"
     out.mkdir(parents=True, exist_ok=True)
 
-    # Warm-up: allocator, kernels and the diffusers scheduler's first call.
+    # Warm-up: allocator, kernels and the diffusers scheduler's first call, at each sampler's fewest steps (a
+    # shortcut model takes powers of 2 only).
     warm = min(args.batch_size, args.num_samples)
     for name in dict.fromkeys(name for name, _ in samplers):
-        run_sampler(model, noise[:warm], labels[:warm], name, 3, margs, info, args.batch_size, args.cfg_scale,
+        fewest = min(steps for other, steps in samplers if other == name)
+        run_sampler(model, noise[:warm], labels[:warm], name, fewest, margs, info, args.batch_size, args.cfg_scale,
                     autocast, args.seed)
 
     results = []

@@ -206,3 +206,15 @@ def test_sample_script_takes_power_of_two_steps(shortcut_run, tmp_path):
     assert np.load(out / "samples.npz")["arr_0"].shape == (4, 8, 8, 1)
     with pytest.raises(ConfigError, match="does not fit a model trained with diffusion.objective=shortcut"):
         sample_script.run(compose_config("sample", [f"ckpt={shortcut_run}", "sampler=meanflow", "device=cpu"]))
+
+
+@pytest.mark.slow
+def test_sampler_benchmark_runs_a_shortcut_model_at_its_power_of_two_steps(shortcut_run, tmp_path):
+    from conftest import run_script
+
+    # The warm-up used to run every sampler at 3 steps, which a shortcut model refuses.
+    run_script(["benchmarks/samplers.py", "--run", str(shortcut_run), "--num-samples", "10", "--batch-size", "10",
+                "--samplers", "shortcut:1", "shortcut:2", "--out", f"{tmp_path}/bench"])
+    rows = json.loads((tmp_path / "bench" / "samplers.json").read_text())["results"]
+    assert [(r["sampler"], r["steps"], r["network_evals_per_sample"]) for r in rows] == [("shortcut", 1, 1.0),
+                                                                                       ("shortcut", 2, 2.0)]
