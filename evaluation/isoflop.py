@@ -37,6 +37,7 @@ summary run in --group (offline without an API key).
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -154,8 +155,8 @@ def _se(values):
 def score_fd_draws(record, draws, num_samples=1000, features="digits", reference=None, weights=None,
                    sample_args=()):
     """FD of the run's final checkpoint `draws` times, draw k sampled by sample.py with seed=k (the same noise for
-    every run) into <run>/samples/isoflop-fd-step<step>-seed<k>-n<N>; each score is cached beside its folder
-    (<folder>-<features>.json), so a re-run only scores what is missing. Sets the record's fd (the mean), fd_se and
+    every run) into <run>/samples/isoflop-fd-step<step>-seed<k>-n<N>[-<hash of sample_args>]; each score is cached
+    beside its folder (<folder>-<features>.json), so a re-run only scores what is missing. Sets the record's fd (the mean), fd_se and
     fd_draws; returns the draws."""
     from utils.checkpoint import latest_checkpoint
 
@@ -172,17 +173,21 @@ def score_fd_draws(record, draws, num_samples=1000, features="digits", reference
         raise ConfigError(f"--fd-draws with --features {features} needs --ref (reference statistics)")
     root = Path(__file__).resolve().parents[1]
     values = []
+    sample_args = list(sample_args)
+    # Other sample.py settings give other folders (and cached scores): a short hash of them in the name.
+    tag = f"-{hashlib.sha1(' '.join(sample_args).encode()).hexdigest()[:8]}" if sample_args else ""
     for k in range(draws):
-        out = run / "samples" / f"isoflop-fd-step{int(ckpt.stem)}-seed{k}-n{num_samples}"
+        out = run / "samples" / f"isoflop-fd-step{int(ckpt.stem)}-seed{k}-n{num_samples}{tag}"
         cached = out.with_name(f"{out.name}-{features}.json")
         row = json.loads(cached.read_text()) if cached.exists() else None
-        if row is None or row.get("ckpt") != ckpt.name or row.get("reference") != str(reference):
+        if (row is None or row.get("ckpt") != ckpt.name or row.get("reference") != str(reference)
+                or row.get("sample_args", []) != sample_args):
             # Paths quoted for Hydra: sweep folders are named by their overrides ("...,seed=0,...").
             subprocess.run([sys.executable, str(root / "sample.py"), f"ckpt='{ckpt}'", f"num_samples={num_samples}",
                             f"seed={k}", f"out='{out}'", *sample_args], check=True, stdout=_stderr())
             result = evaluate(out / "samples.npz", reference, features=features, weights=weights, progress=False)
             row = {"fd": result["fid"], "seed": k, "num_samples": num_samples, "features": features,
-                   "reference": str(reference), "ckpt": ckpt.name, "step": int(ckpt.stem)}
+                   "reference": str(reference), "ckpt": ckpt.name, "step": int(ckpt.stem), "sample_args": sample_args}
             cached.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cached, json.dumps(row, indent=2))
         values.append(float(row["fd"]))

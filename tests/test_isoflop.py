@@ -372,6 +372,10 @@ def test_fd_draws_sample_each_seed_once_and_cache_the_score(tmp_path, monkeypatc
     calls.clear()
     assert isoflop.score_fd_draws(record, 3, num_samples=500, reference="ref.npz") == [2.0, 3.0, 4.0]
     assert calls == []   # all three from the cache beside each sample folder
+    # Other sampler settings are other samples: not read from that cache, written to folders of their own.
+    isoflop.score_fd_draws(record, 2, num_samples=500, reference="ref.npz", sample_args=["steps=10"])
+    assert [a[-1] for a in calls] == ["steps=10", "steps=10"]
+    assert len({a[5] for a in calls}) == 2 and all("-n500-" in a[5] and "seed" in a[5] for a in calls)
 
 
 def test_a_profile_whose_vertex_is_decades_away_is_a_failed_fit_not_an_overflow():
