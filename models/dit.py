@@ -46,6 +46,21 @@ def refuse_unbuilt_conditions(net, dt, guidance):
 #                                   Helpers                                     #
 #################################################################################
 
+def patch_grid(input_size, patch_size):
+    """(H, W) of input_size (an int or (H, W)), refused unless patch_size divides both."""
+    height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if height % patch_size or width % patch_size:
+        raise ConfigError(f"input size {height}x{width} is not divisible by the patch size {patch_size}; "
+                          f"choose a patch size that divides it or resize the data (e.g. data.image_size)")
+    return height, width
+
+
+def check_heads(hidden_size, num_heads):
+    """Refuse a width the attention heads do not divide."""
+    if hidden_size % num_heads:
+        raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+
+
 def per_token(v):
     """A conditioning vector per sample (N, D) as (N, 1, D), to broadcast over the tokens; one per token (N, T, D),
     as DiT^DH's head has (models/ditdh.py), as it is."""
@@ -403,16 +418,10 @@ class DiT(nn.Module):
         guidance_cond=False,
     ):
         super().__init__()
-        height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if height % patch_size or width % patch_size:
-            raise ConfigError(
-                f"input size {height}x{width} is not divisible by the patch size {patch_size}; "
-                f"choose a patch size that divides it or resize the data (e.g. data.image_size)"
-            )
+        height, width = patch_grid(input_size, patch_size)
         if block_type not in BLOCK_TYPES:
             raise ConfigError(f"unknown block_type {block_type!r}; choose one of {', '.join(BLOCK_TYPES)}")
-        if hidden_size % num_heads:
-            raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        check_heads(hidden_size, num_heads)
         if norm not in NORMS or mlp not in MLPS:
             raise ConfigError(f"norm={norm!r}, mlp={mlp!r}: choose norm from {', '.join(NORMS)} and mlp from "
                               f"{', '.join(MLPS)}")

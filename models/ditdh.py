@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from utils.errors import ConfigError
 
-from .dit import (DIT_SIZES, MLPS, NORMS, DiT, DiTBlock, FinalLayer, LabelEmbedder, RoPE2d, sincos_2d,
-                  zero_init_adaln)
+from .dit import (DIT_SIZES, MLPS, NORMS, DiT, DiTBlock, FinalLayer, LabelEmbedder, RoPE2d, check_heads, patch_grid,
+                  sincos_2d, zero_init_adaln)
 
 
 #################################################################################
@@ -109,13 +109,11 @@ class DiTDH(nn.Module):
         use_pos_embed=True,
     ):
         super().__init__()
-        height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if height % patch_size or width % patch_size:
-            raise ConfigError(f"input size {height}x{width} is not divisible by the patch size {patch_size}")
+        height, width = patch_grid(input_size, patch_size)
         (trunk_width, head_width), (trunk_depth, head_depth) = _pair(hidden_size, "hidden_size"), _pair(depth, "depth")
         trunk_heads, head_heads = _pair(num_heads, "num_heads", single=True)
-        if trunk_width % trunk_heads or head_width % head_heads:
-            raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        check_heads(trunk_width, trunk_heads)
+        check_heads(head_width, head_heads)
         if norm not in NORMS or mlp not in MLPS:
             raise ConfigError(f"norm={norm!r}, mlp={mlp!r}: choose norm from {', '.join(NORMS)} and mlp from "
                               f"{', '.join(MLPS)}")

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 from utils.errors import ConfigError
 
-from .dit import (DiT, DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, init_linears, rope_tables, sincos_2d,
-                  zero_init_adaln)
+from .dit import (DiT, DiTBlock, FinalLayer, LabelEmbedder, TimestepEmbedder, check_heads, init_linears, patch_grid,
+                  rope_tables, sincos_2d, zero_init_adaln)
 
 
 #################################################################################
@@ -106,12 +106,8 @@ class JiT(nn.Module):
         proj_drop=0.0,
     ):
         super().__init__()
-        height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if height % patch_size or width % patch_size:
-            raise ConfigError(f"input size {height}x{width} is not divisible by the patch size {patch_size}; "
-                              f"choose a patch size that divides it or resize the data (e.g. data.image_size)")
-        if hidden_size % num_heads:
-            raise ConfigError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        height, width = patch_grid(input_size, patch_size)
+        check_heads(hidden_size, num_heads)
         if in_context_len < 0 or (in_context_len and not 0 <= in_context_start < depth):
             raise ConfigError(f"in_context_len={in_context_len}, in_context_start={in_context_start}: the class tokens "
                               f"join before one of the {depth} blocks (0 <= in_context_start < depth)")
