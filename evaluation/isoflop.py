@@ -37,12 +37,10 @@ summary run in --group (offline without an API key).
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,10 +48,10 @@ import numpy as np
 import yaml
 from scipy import optimize, stats
 from tqdm import tqdm
-from utils.errors import ConfigError, MissingFile
+from utils.errors import ConfigError
 from utils.files import atomic_write_text
 
-from .scaling import FAMILY_STYLE, _tidy_log_axes, find_runs, fit_power_law, load_run
+from .scaling import FAMILY_STYLE, _tidy_log_axes, fd_draws, find_runs, fit_power_law, load_run, standard_error
 
 METRICS = ("eval_loss", "eval_loss_ema")
 HUBER_DELTA = 1e-3          # Hoffmann et al.'s delta, on log L
@@ -128,7 +126,7 @@ def load_isoflop_runs(paths, metric="eval_loss"):
             param=model.get("param", "sp"), lr=(config.get("optim") or {}).get("lr"), seed=config.get("seed"),
             params=int(run.params), gflops=float(run.gflops), flops=float(train["flops"]), steps=int(steps),
             batch_size=int(batch), D=int(steps) * int(batch), loss=loss, loss_se=se,
-            fd=float(np.mean(fds)) if fds else None, fd_se=_se(fds), fd_draws=len(fds),
+            fd=float(np.mean(fds)) if fds else None, fd_se=standard_error(fds), fd_draws=len(fds),
             fd_features=fid_rows[0].get("fid_features", "inception") if fid_rows else None))
     if no_budget:
         raise ConfigError(f"{len(no_budget)} run(s) have no train.flops, so they are not isoFLOP runs: "
@@ -139,59 +137,14 @@ def load_isoflop_runs(paths, metric="eval_loss"):
     return records, left_out
 
 
-def _stderr():
-    """Where a child's stdout goes: our stderr (stdout carries the report), or inherited when it has no file."""
-    try:
-        return sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def _se(values):
-    """Standard error of the mean of repeated draws (None below two)."""
-    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
-
-
 def score_fd_draws(record, draws, num_samples=1000, features="digits", reference=None, weights=None,
                    sample_args=()):
-    """FD of the run's final checkpoint `draws` times, draw k sampled by sample.py with seed=k (the same noise for
-    every run) into <run>/samples/isoflop-fd-step<step>-seed<k>-n<N>[-<hash of sample_args>]; each score is cached
-    beside its folder (<folder>-<features>.json), so a re-run only scores what is missing. Sets the record's fd (the mean), fd_se and
-    fd_draws; returns the draws."""
-    from utils.checkpoint import latest_checkpoint
-
-    from .evaluator import evaluate
-    from .real_digits import digits_reference
-
-    run = Path(record["path"])
-    ckpt = latest_checkpoint(run / "checkpoints")
-    if ckpt is None:
-        raise MissingFile(f"{run} has no checkpoint to score; drop --fd-draws or train it first")
-    if reference is None and features == "digits":
-        reference = digits_reference()
-    if reference is None:
-        raise ConfigError(f"--fd-draws with --features {features} needs --ref (reference statistics)")
-    root = Path(__file__).resolve().parents[1]
-    values = []
-    sample_args = list(sample_args)
-    # Other sample.py settings give other folders (and cached scores): a short hash of them in the name.
-    tag = f"-{hashlib.sha1(' '.join(sample_args).encode()).hexdigest()[:8]}" if sample_args else ""
-    for k in range(draws):
-        out = run / "samples" / f"isoflop-fd-step{int(ckpt.stem)}-seed{k}-n{num_samples}{tag}"
-        cached = out.with_name(f"{out.name}-{features}.json")
-        row = json.loads(cached.read_text()) if cached.exists() else None
-        if (row is None or row.get("ckpt") != ckpt.name or row.get("reference") != str(reference)
-                or row.get("sample_args", []) != sample_args):
-            # Paths quoted for Hydra: sweep folders are named by their overrides ("...,seed=0,...").
-            subprocess.run([sys.executable, str(root / "sample.py"), f"ckpt='{ckpt}'", f"num_samples={num_samples}",
-                            f"seed={k}", f"out='{out}'", *sample_args], check=True, stdout=_stderr())
-            result = evaluate(out / "samples.npz", reference, features=features, weights=weights, progress=False)
-            row = {"fd": result["fid"], "seed": k, "num_samples": num_samples, "features": features,
-                   "reference": str(reference), "ckpt": ckpt.name, "step": int(ckpt.stem), "sample_args": sample_args}
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cached, json.dumps(row, indent=2))
-        values.append(float(row["fd"]))
-    record.update(fd=float(np.mean(values)), fd_se=_se(values), fd_draws=len(values), fd_features=features)
+    """FD of the run's final checkpoint `draws` times (scaling.fd_draws: draw k from seed k, the same noise in every
+    run, into <run>/samples/isoflop-fd-step<step>-seed<k>-n<N>[-<hash of sample_args>], cached). Sets the record's fd
+    (the mean), fd_se and fd_draws; returns the draws."""
+    rows = fd_draws(record["path"], draws, num_samples, features, reference, weights, sample_args, name="isoflop-fd")
+    values = [float(r["fd"]) for r in rows]
+    record.update(fd=float(np.mean(values)), fd_se=standard_error(values), fd_draws=len(values), fd_features=features)
     return values
 
 

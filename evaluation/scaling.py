@@ -36,7 +36,6 @@ from utils.errors import ConfigError, MissingFile, report_user_errors
 from utils.files import atomic_write_text
 from utils.logger import read_metrics
 
-from .evaluator import evaluate
 from .real_digits import digits_reference
 
 # Folders a run keeps beside metrics.jsonl that never hold other runs; skipped while searching.
@@ -116,33 +115,77 @@ def load_run(run_dir, root=None):
     return Run(path=run_dir, name=name, model=model, batch_size=batch, gflops=gflops, params=params, rows=rows)
 
 
-def score_final(run, features="digits", reference=None, num_samples=1000, weights=None, sample_args=()):
-    """Score a run's newest checkpoint: sample it with sample.py (EMA weights, its objective's default sampler
-    unless sample_args say otherwise), then FID in `features` against `reference` (digits: the train split when
-    None). The result is kept in <run>/samples/scaling-final-<features>/fid.json, so a re-run reuses it, and added
-    to the run's rows as an FID row at the checkpoint's step."""
+def fd_draws(run_dir, draws, num_samples=1000, features="digits", reference=None, weights=None, sample_args=(),
+             name="fd"):
+    """FD of a run's newest checkpoint `draws` times, draw k sampled by sample.py with seed=k (the same noise in every
+    run) into <run>/samples/<name>-step<step>-seed<k>-n<N>[-<hash of sample_args>]; each score is cached beside its
+    folder (<folder>-<features>.json), so a re-run only scores what is missing. Returns the rows, one per draw (fd,
+    class_accuracy where the features give one, seed, step, ckpt, the settings)."""
+    import hashlib
     import subprocess
 
     from utils.checkpoint import latest_checkpoint
-    ckpt = latest_checkpoint(run.path / "checkpoints")
+
+    from . import evaluator
+
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
-        raise MissingFile(f"{run.path} has no checkpoint to score; drop --score-final or train it first")
-    out = run.path / "samples" / f"scaling-final-{features}"
-    cached = out / "fid.json"
-    row = json.loads(cached.read_text()) if cached.exists() else None
-    if row is None or row.get("ckpt") != ckpt.name or row.get("fid_samples") != num_samples:
-        root = Path(__file__).resolve().parents[1]
-        # Paths quoted for Hydra: sweep folders are named by their overrides ("DiT-S-2_optim.lr=0.001").
-        subprocess.run([sys.executable, str(root / "sample.py"), f"ckpt='{ckpt}'", f"num_samples={num_samples}",
-                        f"out='{out}'", *sample_args], check=True)
-        if reference is None and features == "digits":
-            reference = digits_reference()
-        if reference is None:
-            raise ConfigError(f"--score-final with --features {features} needs --ref (reference statistics)")
-        result = evaluate(out / "samples.npz", reference, features=features, weights=weights, progress=False)
-        row = {"step": int(ckpt.stem), "fid": result["fid"], "fid_samples": num_samples, "fid_features": features,
-               "ckpt": ckpt.name, **({"class_accuracy": result["class_accuracy"]} if "class_accuracy" in result else {})}
-        atomic_write_text(cached, json.dumps(row, indent=2))
+        raise MissingFile(f"{run_dir} has no checkpoint to score; train it first (or score the in-loop FD rows)")
+    if reference is None and features == "digits":
+        reference = digits_reference()
+    if reference is None:
+        raise ConfigError(f"scoring with --features {features} needs --ref (reference statistics)")
+    sample_args = list(sample_args)
+    # Other sample.py settings give other folders (and cached scores): a short hash of them in the name.
+    tag = f"-{hashlib.sha1(' '.join(sample_args).encode()).hexdigest()[:8]}" if sample_args else ""
+    root = Path(__file__).resolve().parents[1]
+    rows = []
+    for k in range(draws):
+        out = run_dir / "samples" / f"{name}-step{int(ckpt.stem)}-seed{k}-n{num_samples}{tag}"
+        cached = out.with_name(f"{out.name}-{features}.json")
+        row = json.loads(cached.read_text()) if cached.exists() else None
+        if (row is None or row.get("ckpt") != ckpt.name or row.get("reference") != str(reference)
+                or row.get("sample_args", []) != sample_args):
+            # Paths quoted for Hydra: sweep folders are named by their overrides ("...,seed=0,...").
+            subprocess.run([sys.executable, str(root / "sample.py"), f"ckpt='{ckpt}'", f"num_samples={num_samples}",
+                            f"seed={k}", f"out='{out}'", *sample_args], check=True, stdout=_stderr())
+            result = evaluator.evaluate(out / "samples.npz", reference, features=features, weights=weights,
+                                        progress=False)
+            row = {"fd": result["fid"], "seed": k, "num_samples": num_samples, "features": features,
+                   "reference": str(reference), "ckpt": ckpt.name, "step": int(ckpt.stem), "sample_args": sample_args,
+                   **({"class_accuracy": result["class_accuracy"]} if "class_accuracy" in result else {})}
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cached, json.dumps(row, indent=2))
+        rows.append(row)
+    return rows
+
+
+def _stderr():
+    """Where a child's stdout goes: our stderr (stdout carries the report), or inherited when it has no file."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def standard_error(values):
+    """The standard error of a mean of draws (None for a single draw)."""
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+
+
+def score_final(run, features="digits", reference=None, num_samples=1000, weights=None, sample_args=(), draws=2):
+    """Score a run's newest checkpoint with `draws` noise draws (fd_draws: EMA weights, its objective's default
+    sampler unless sample_args say otherwise, draw k from seed k in every run) and put their mean in the run's rows as
+    its one FID row, at the checkpoint's step, with the standard error over draws (fid_se) beside it."""
+    if draws < 1:
+        raise ConfigError(f"--fd-draws {draws}: score each final checkpoint at least once")
+    rows = fd_draws(run.path, draws, num_samples, features, reference, weights, sample_args, name="scaling-fd")
+    fds = [r["fd"] for r in rows]
+    row = {"step": rows[0]["step"], "fid": float(np.mean(fds)), "fid_se": standard_error(fds), "fid_draws": draws,
+           "fid_samples": num_samples, "fid_features": features, "ckpt": rows[0]["ckpt"]}
+    if all("class_accuracy" in r for r in rows):
+        row["class_accuracy"] = float(np.mean([r["class_accuracy"] for r in rows]))
     run.rows = [r for r in run.rows if "fid" not in r] + [row]
     return row
 
@@ -501,6 +544,8 @@ def parse_args(argv=None):
     p.add_argument("--weights", default=None, help="--score-final: the feature network's weights file")
     p.add_argument("--num-samples", type=int, default=1000, help="--score-final: samples per run")
     p.add_argument("--sample-args", nargs="*", default=[], help="--score-final: extra sample.py overrides")
+    p.add_argument("--fd-draws", type=int, default=2,
+                   help="--score-final: noise draws per run (seeds 0..K-1, the same in every run), averaged")
     p.add_argument("--wandb", action="store_true", help="also log the figures and table to W&B")
     p.add_argument("--project", default="dit", help="W&B project")
     p.add_argument("--group", default=None, help="W&B group (e.g. the sweep's logger.group)")
@@ -519,7 +564,7 @@ def main(argv=None):
     if args.last < 1:
         raise SystemExit("--last must be at least 1")
     score = dict(features=args.features, reference=args.ref, num_samples=args.num_samples, weights=args.weights,
-                 sample_args=args.sample_args) if args.score_final else None
+                 sample_args=args.sample_args, draws=args.fd_draws) if args.score_final else None
     result = collect(args.paths, args.out, metric=args.metric, last=args.last, max_step=args.step,
                      wandb=args.wandb, project=args.project, group=args.group, score=score)
     print(result["table"])

@@ -5,6 +5,7 @@ the truth with their bootstrap intervals."""
 
 import json
 import math
+import subprocess
 
 import numpy as np
 import pytest
@@ -359,7 +360,7 @@ def test_fd_draws_sample_each_seed_once_and_cache_the_score(tmp_path, monkeypatc
     (tmp_path / "sweep" / record["run"] / "checkpoints").mkdir()
     (tmp_path / "sweep" / record["run"] / "checkpoints" / "0001000.pt").write_bytes(b"")
     calls = []
-    monkeypatch.setattr(isoflop.subprocess, "run", lambda args, **kw: calls.append(args))
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: calls.append(args))
     monkeypatch.setattr(evaluation.evaluator, "evaluate",
                         lambda samples, ref, **kw: {"fid": 2.0 + int(samples.parent.name.split("seed")[1][0])})
     assert isoflop.score_fd_draws(record, 3, num_samples=500, reference="ref.npz") == [2.0, 3.0, 4.0]

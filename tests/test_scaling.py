@@ -10,6 +10,7 @@ import yaml
 
 from conftest import ROOT, compose_config, read_run_metrics, run_script
 from evaluation import scaling
+from utils.errors import ConfigError
 
 
 def write_run(folder, model, gflops, batch, steps, values, metric="loss"):
@@ -132,6 +133,38 @@ def test_collector_prefers_fid_and_recomputes_missing_compute(tmp_path):
     loss = scaling.collect([tmp_path / "runs"], out_dir=tmp_path / "loss", metric="loss", last=2)
     assert loss["step"] == 200 and [r["steps"] for r in loss["records"]] == [200, 200, 200]
     assert [r["value"] for r in loss["records"]] == [pytest.approx(0.95)] * 3
+
+
+def test_score_final_averages_noise_draws_in_place_of_the_in_loop_fid(tmp_path, monkeypatch):
+    """--score-final without sample.py: draw k samples with seed k into a folder of its own; the run's FID becomes the
+    mean of the draws with their standard error; cached scores are reused, other sampler settings are not."""
+    import subprocess
+
+    import evaluation.evaluator
+    for model, gflops in (("DiT-S/2", 6.06), ("DiT-B/2", 23.01)):
+        folder = tmp_path / "runs" / model.replace("/", "-")
+        write_run(folder, model, gflops, 32, [100, 200], [1.0, 0.9])
+        with open(folder / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": 200, "fid": 99.0, "fid_samples": 500}) + "\n")   # one in-loop draw
+        (folder / "checkpoints").mkdir()
+        (folder / "checkpoints" / "0000200.pt").write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: calls.append(args))
+    fd = lambda samples: (10.0 if "DiT-S-2" in str(samples) else 5.0) + int(samples.parent.name.split("seed")[1][0])
+    monkeypatch.setattr(evaluation.evaluator, "evaluate",
+                        lambda samples, ref, **kw: {"fid": fd(samples), "class_accuracy": 0.9})
+    score = dict(reference="ref.npz", num_samples=100, draws=2)
+    result = scaling.collect([tmp_path / "runs"], out_dir=tmp_path / "plots", score=score)
+    assert result["metric"] == "fid" and [r["value"] for r in result["records"]] == [10.5, 5.5]
+    assert [a[4] for a in calls] == ["seed=0", "seed=1"] * 2 and len({a[5] for a in calls}) == 4
+    run = scaling.load_runs([tmp_path / "runs"])[0]
+    row = scaling.score_final(run, **score)
+    assert row["fid_se"] == pytest.approx(0.5) and row["fid_draws"] == 2 and row["class_accuracy"] == 0.9
+    assert len(calls) == 4   # both draws from the cache
+    scaling.score_final(run, **score, sample_args=["steps=10"])
+    assert len(calls) == 6 and calls[-1][-1] == "steps=10"
+    with pytest.raises(ConfigError, match="--fd-draws 0"):
+        scaling.score_final(run, **{**score, "draws": 0})
 
 
 def models_of(name):
