@@ -116,7 +116,7 @@ def to_autoencoder_kl(checkpoint, sample_size=256):
     if missing or unused or wrong:
         raise ConfigError(f"the checkpoint does not map onto AutoencoderKL({config}): missing {missing[:5]}, unused "
                           f"{unused[:5]}, shape mismatches {wrong[:5]}")
-    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True, assign=True)
+    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)   # copied into its own tensors
     return model.eval(), dropped
 
 
