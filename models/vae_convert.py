@@ -107,7 +107,10 @@ def to_autoencoder_kl(checkpoint, sample_size=256):
     from diffusers import AutoencoderKL
 
     sd, dropped = ldm_state_dict(checkpoint)
-    config = diffusers_config(sd)
+    try:
+        config = diffusers_config(sd)
+    except KeyError as missing:
+        raise ConfigError(f"not a complete LDM KL-VAE: it has no {missing} tensor") from None
     model = AutoencoderKL(**config, sample_size=sample_size)
     weights = convert(sd, config)
     expected = model.state_dict()

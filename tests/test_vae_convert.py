@@ -82,6 +82,10 @@ def test_bad_input_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ConfigError, match="no LDM autoencoder in this checkpoint"):
         to_autoencoder_kl({"state_dict": {"model.diffusion_model.x": torch.ones(2)}})
     checkpoint = small_checkpoint()
+    del checkpoint["state_dict"]["post_quant_conv.weight"]
+    with pytest.raises(ConfigError, match="not a complete LDM KL-VAE: it has no 'post_quant_conv.weight'"):
+        to_autoencoder_kl(checkpoint)
+    checkpoint = small_checkpoint()
     checkpoint["state_dict"]["quant_conv.weight"] = torch.ones(4, 8, 1, 1)   # 4 = latent channels: not mean + logvar
     with pytest.raises(ConfigError, match="not a KL posterior"):
         to_autoencoder_kl(checkpoint)
