@@ -23,9 +23,11 @@ run (offline without an API key).
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from utils.errors import ConfigError, MissingFile, report_user_errors
 from utils.files import atomic_write_text
 from utils.logger import read_metrics
 
+from . import evaluator
 from .real_digits import digits_reference
 
 # Folders a run keeps beside metrics.jsonl that never hold other runs; skipped while searching.
@@ -121,12 +124,7 @@ def fd_draws(run_dir, draws, num_samples=1000, features="digits", reference=None
     run) into <run>/samples/<name>-step<step>-seed<k>-n<N>[-<hash of sample_args>]; each score is cached beside its
     folder (<folder>-<features>.json), so a re-run only scores what is missing. Returns the rows, one per draw (fd,
     class_accuracy where the features give one, seed, step, ckpt, the settings)."""
-    import hashlib
-    import subprocess
-
     from utils.checkpoint import latest_checkpoint
-
-    from . import evaluator
 
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir / "checkpoints")
