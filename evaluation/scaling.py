@@ -253,6 +253,13 @@ def _row_compute(run, row):
     return train_compute(run.gflops, run.batch_size, row["step"])
 
 
+def _standard_error_at(run, metric, step):
+    """The standard error logged beside a metric at a step (eval_loss_se: bootstrap over images; fid_se: over noise
+    draws), or None."""
+    rows = [r for r in run.rows if r.get("step") == step and metric in r]
+    return rows[-1].get(f"{metric}_se") if rows else None
+
+
 def fit_power_law(x, y):
     """Least squares of log10 y = log10 a + b log10 x. Returns (a, b, r2), r2 in log space."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -295,7 +302,7 @@ def summarize(runs, metric="auto", last=5, max_step=None):
             continue
         records.append(dict(run=run.name, model=run.model, family=run.family, params=run.params, gflops=run.gflops,
                             steps=int(steps[-1]), batch_size=run.batch_size, train_compute_gflops=float(compute[-1]),
-                            value=float(values[-1])))
+                            value=float(values[-1]), se=_standard_error_at(run, metric, int(steps[-1]))))
     records.sort(key=lambda r: (r["gflops"] if r["gflops"] is not None else math.inf, r["run"]))
 
     def fits_of(rows):
@@ -340,7 +347,8 @@ def markdown_table(summary):
     for r in records:
         cells = ([r["run"]] if show_run else []) + [
             r["model"], r["family"], _fmt_params(r["params"]), _fmt(r["gflops"], ".4g"), str(r["steps"]),
-            _fmt(r["batch_size"], "d"), _fmt(r["train_compute_gflops"], ".3e"), _fmt(r["value"], ".4f")]
+            _fmt(r["batch_size"], "d"), _fmt(r["train_compute_gflops"], ".3e"),
+            _fmt(r["value"], ".4f") + (f" ± {r['se']:#.2g}" if r.get("se") is not None else "")]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     groups = [(f"{f}: ", summary["family_fits"][f]) for f in summary["families"]] if len(summary["families"]) > 1 \
@@ -504,6 +512,7 @@ def collect(paths, out_dir=None, metric="auto", last=5, max_step=None, wandb=Fal
     if score is not None:
         for run in runs:
             score_final(run, **score)
+        metric = "fid" if metric == "auto" else metric   # what was just scored is what the table is for
     if out_dir is None:
         base = paths[0] if len(paths) == 1 else Path(os.path.commonpath([p.resolve() for p in paths]))
         out_dir = base / "scaling"
@@ -530,7 +539,8 @@ def parse_args(argv=None):
     p.add_argument("paths", nargs="+", help="run folders, or folders searched recursively for metrics.jsonl")
     p.add_argument("--out", default=None, help="output folder (default: <the folder given>/scaling)")
     p.add_argument("--metric", default="auto", choices=METRICS,
-                   help="auto = FID when every run logged it, else the training loss")
+                   help="auto = the evaluation loss when every run logged it, else FID when every run logged it, "
+                        "else the training loss; with --score-final, the scored FD")
     p.add_argument("--last", type=int, default=5, help="loss metrics: mean over the last K logged rows")
     p.add_argument("--step", type=int, default=None,
                    help="compare the models at this training step (default: the last step every run reached)")

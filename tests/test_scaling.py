@@ -146,6 +146,7 @@ def test_score_final_averages_noise_draws_in_place_of_the_in_loop_fid(tmp_path, 
         write_run(folder, model, gflops, 32, [100, 200], [1.0, 0.9])
         with open(folder / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": 200, "fid": 99.0, "fid_samples": 500}) + "\n")   # one in-loop draw
+            f.write(json.dumps({"step": 200, "eval_loss": 0.5, "eval_loss_se": 0.004}) + "\n")  # auto's first choice
         (folder / "checkpoints").mkdir()
         (folder / "checkpoints" / "0000200.pt").write_bytes(b"")
     calls = []
@@ -156,6 +157,8 @@ def test_score_final_averages_noise_draws_in_place_of_the_in_loop_fid(tmp_path, 
     score = dict(reference="ref.npz", num_samples=100, draws=2)
     result = scaling.collect([tmp_path / "runs"], out_dir=tmp_path / "plots", score=score)
     assert result["metric"] == "fid" and [r["value"] for r in result["records"]] == [10.5, 5.5]
+    assert "| 10.5000 ± 0.50 |" in result["table"] and "| 5.5000 ± 0.50 |" in result["table"]
+    assert scaling.collect([tmp_path / "runs"], out_dir=tmp_path / "loss")["metric"] == "eval_loss"  # unscored
     assert [a[4] for a in calls] == ["seed=0", "seed=1"] * 2 and len({a[5] for a in calls}) == 4
     run = scaling.load_runs([tmp_path / "runs"])[0]
     row = scaling.score_final(run, **score)
