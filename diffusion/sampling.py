@@ -13,7 +13,6 @@ import math
 from contextlib import contextmanager, nullcontext
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from . import create_diffusion
@@ -199,6 +198,7 @@ def dpm_solver_sample(model_fn, noise, labels, steps, diffusion_kwargs=None, cli
     Only the epsilon (or x0) half of a learned-sigma output is passed: the ODE needs no variance, and diffusers'
     own learned-range handling assumes 3 channels.
     """
+    from diffusers import DPMSolverMultistepScheduler   # here: diffusers costs seconds at start-up
     kwargs = dict(diffusion_kwargs or {})
     train = create_diffusion("", **kwargs)
     scheduler = DPMSolverMultistepScheduler(

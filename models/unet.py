@@ -19,10 +19,6 @@ layers) so that its parameters and Gflops are those of the published network (se
 
 import torch
 import torch.nn as nn
-from diffusers import Transformer2DModel, UNet2DConditionModel, UNet2DModel
-from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.models.resnet import ResnetBlock2D
 from utils.errors import ConfigError
 
 from .dit import GUIDANCE_CONDITIONS, refuse_unbuilt_conditions
@@ -150,6 +146,10 @@ class UNet(nn.Module):
             flip_sin_to_cos=True,  # [cos, sin] timestep features with frequencies 10000^(-i/half): ADM's
             freq_shift=0,
         )
+        # diffusers is imported where a U-Net is built: it costs seconds at start-up that a DiT run never needs.
+        from diffusers import UNet2DConditionModel, UNet2DModel
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        from diffusers.models.resnet import ResnetBlock2D
         if cross_attn:
             # LDM: the label's embedding is the cross-attention context; the null class is its last row.
             self.class_embedder = nn.Embedding(num_classes + 1, context_dim)
@@ -196,6 +196,9 @@ class UNet(nn.Module):
         the same, except that in its transformer blocks it zeroes the block's output projection (proj_out)
         rather than the attention layers' own.
         """
+        from diffusers import Transformer2DModel
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.resnet import ResnetBlock2D
         for module in self.unet.modules():
             if isinstance(module, ResnetBlock2D):
                 nn.init.zeros_(module.conv2.weight)

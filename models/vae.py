@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderRAE, AutoModel
 from utils.errors import ConfigError, MissingFile
 
 _TRUE = ("1", "on", "yes", "true")
@@ -83,6 +82,7 @@ def missing_vae_message(repo_id, subfolder, reason, option=None):
 def _load_autoencoder(source, subfolder, local_files_only, cache_dir):
     # AutoModel reads the class from config.json (AutoencoderKL | AutoencoderDC | AutoencoderRAE).
     # low_cpu_mem_usage=False: the default path wants `accelerate` and warns when it is missing.
+    from diffusers import AutoModel   # here, not at the top: diffusers costs seconds at start-up a pixel run never needs
     return AutoModel.from_pretrained(source, subfolder=subfolder, local_files_only=local_files_only,
                                      cache_dir=cache_dir, low_cpu_mem_usage=False)
 
@@ -112,6 +112,7 @@ class VAE(nn.Module):
     """
 
     def __init__(self, autoencoder, identifier, scaling_factor=None, chunk_size=32, normalize=None):
+        from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderRAE
         super().__init__()
         self.autoencoder = autoencoder.float().eval().requires_grad_(False)
         config = autoencoder.config
