@@ -151,3 +151,44 @@ def wait_for_rows(run_dir, n, proc, timeout=180):
             return
         time.sleep(0.05)
     raise AssertionError(f"the run did not get going:\n{proc.communicate()[0] if proc.poll() is not None else ''}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A time budget for a run (CI's slow tests): `--budget S` runs the tests every CI run must have first (marked
+# `distributed` or `ci`), then the others in their order until S seconds have passed since the session began; a
+# test that would start later is skipped with the reason, so `-ra` names each one left out.
+# ------------------------------------------------------------------------------------------------------------
+
+def pytest_addoption(parser):
+    parser.addoption("--budget", type=float, default=None, metavar="SECONDS",
+                     help="start no test but those marked distributed or ci after SECONDS; skip the rest by name")
+
+
+def _always(item):
+    return item.get_closest_marker("distributed") is not None or item.get_closest_marker("ci") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--budget") is not None:
+        items.sort(key=lambda item: not _always(item))   # stable: each group keeps its order
+
+
+def pytest_sessionstart(session):
+    import time
+    session.config._budget_start = time.monotonic()
+
+
+def pytest_runtest_setup(item):
+    import time
+    budget = item.config.getoption("--budget")
+    if budget is not None and not _always(item) and time.monotonic() - item.config._budget_start > budget:
+        item.config._budget_left_out = [*getattr(item.config, "_budget_left_out", []), item.nodeid]
+        pytest.skip(f"left out: this run's time budget (--budget {budget:.0f} s) was spent")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    left_out = getattr(config, "_budget_left_out", [])
+    if left_out:
+        terminalreporter.section(f"{len(left_out)} test(s) left out by --budget {config.getoption('--budget'):.0f}")
+        for nodeid in left_out:
+            terminalreporter.line(f"  {nodeid}")

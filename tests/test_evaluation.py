@@ -377,6 +377,7 @@ def test_inception_features_smoke(weights):
     assert torch.equal(f_grey["2048"], f_rgb["2048"])
 
 
+@pytest.mark.slow   # ~2 s
 def test_sfid_features_are_the_first_7_channels_of_mixed_6d_branch1x1(weights):
     """ADM's `mixed_6/conv` is the 1x1 branch of the fourth 17x17 block; sFID keeps channels 0-6, flattened
     in TensorFlow's height, width, channel order."""

@@ -95,12 +95,12 @@ def test_a_reference_from_another_network_is_refused(tmp_path, reference):
     evaluation.write_random_inception_weights(weights)
     x_train, _, _, _ = digits_split()
     inception_ref = tmp_path / "inception.npz"
-    build_reference(ImageSource.from_array(x_train[:16]), inception_ref, inception_weights=str(weights),
+    build_reference(ImageSource.from_array(x_train[:4]), inception_ref, inception_weights=str(weights),
                     progress=False)
     with pytest.raises(ValueError, match="holds inception features but this evaluation uses digits"):
         FIDScorer(inception_ref, features="digits")
     with pytest.raises(ValueError, match="holds digits features but this evaluation uses inception"):
-        evaluate(ImageSource.from_array(x_train[:16]), reference, inception_weights=str(weights), progress=False)
+        evaluate(ImageSource.from_array(x_train[:4]), reference, inception_weights=str(weights), progress=False)
     record = np.load(reference)
     assert str(record["feature_network"]) == "digits" and len(str(record["feature_weights_sha256"])) == 64
 
@@ -151,6 +151,7 @@ def dino_weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow   # DINOv2-S at 224 px, ~7 s
 def test_fd_dinov2_equals_a_float64_reference(dino_weights, tmp_path):
     """FD-DINOv2 as the code computes it (DINOv2Features -> FeatureStats -> frechet_distance) against a float64
     reference built apart from it: timm's ViT made here from the weights file with the position grid resampled by

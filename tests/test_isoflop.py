@@ -267,6 +267,7 @@ def test_bad_input_gives_one_clear_error(tmp_path):
         isoflop.fit_isoflop([])
 
 
+@pytest.mark.slow   # ~4 s
 def test_two_families_give_two_frontiers_and_their_crossover(tmp_path):
     unet = dict(E=0.6, A=15.0, alpha=0.45, B=30.0, beta=0.35)   # better at small budgets, a higher floor
     write_sweep(tmp_path / "sweep", seeds=(0,), rng_seed=3)

@@ -379,6 +379,7 @@ def test_a_cache_without_stats_is_refused_and_re_extracting_adds_them(files, tmp
     assert again["channel_std"] == pytest.approx(manifest["channel_std"], rel=1e-6)
 
 
+@pytest.mark.slow   # ~4 s
 def test_normalised_training_from_the_cache_and_on_the_fly_agree_and_sample_py_decodes(files, tmp_path):
     cached = [*latent_overrides(files, tmp_path / "cached", steps=2), "vae.normalize=true"]
     on_the_fly = without(cached, "data", "run_dir") + [
@@ -440,6 +441,7 @@ def test_the_cache_stores_the_encoders_features_of_both_flips(files, repa_cache)
         torch.testing.assert_close(moments, all_cache_moments(files["cache"])[i])   # the latents are unchanged
 
 
+@pytest.mark.slow   # ~4.5 s
 def test_repa_from_stored_features_trains_as_repa_on_the_fly(files, repa_cache, tmp_path):
     cached = [*latent_overrides(files, tmp_path / "cached", steps=2, cache=repa_cache["cache"]), *REPA_S]
     on_the_fly = without(cached, "data", "run_dir") + [

@@ -166,6 +166,7 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
 # In-loop FID: one noise definition, every draw from (seed, step)
 # ------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow   # ~3.5 s
 def test_a_resumed_run_logs_the_same_fid_as_an_uninterrupted_one(tmp_path):
     """DDPM's stochastic sampler draws per-step noise: from the global RNG it would differ after a resume."""
     common = [*TINY, "diffusion=ddpm", "sample.steps=3", "fid.every=2", "fid.num_samples=20", "fid.batch_size=8"]

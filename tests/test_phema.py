@@ -166,6 +166,7 @@ def test_the_reconstruction_command_points_a_sweep_to_its_new_home(tmp_path):
     assert "--sigma-rel" in usage.stdout and "--sample-args" in usage.stdout
 
 
+@pytest.mark.slow   # ~5 s
 def test_a_third_ema_tracked_in_the_same_run_is_rebuilt_from_the_other_two(tmp_path):
     import train as train_script
     from conftest import TINY, compose_config

@@ -46,6 +46,8 @@ def test_skip_nonfinite_skips_and_logs_then_stops(tmp_path):
     assert [r["step"] for r in skipped] == sorted(r["step"] for r in skipped)
 
 
+@pytest.mark.slow   # a subprocess, ~20 s; the in-process divergence tests stay in the default suite
+@pytest.mark.ci
 def test_a_diverging_command_exits_with_a_message_and_no_traceback(tmp_path):
     result = run_script(["train.py", *DIVERGE, f"run_dir={tmp_path}"], check=False)
     assert result.returncode == 2 and "error: step" in result.stderr and "Traceback" not in result.stderr
@@ -72,7 +74,8 @@ def uninterrupted(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGUSR1, marks=[pytest.mark.slow, pytest.mark.ci])])
 def test_a_stop_signal_checkpoints_exits_and_resumes_bit_exactly(tmp_path, uninterrupted, sig):
     cmd = [sys.executable, "train.py", *SIGNAL_RUN, f"run_dir={tmp_path}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -123,6 +126,8 @@ def test_wall_clock_checkpoints(tmp_path):
 # Corrupt checkpoints
 # ------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow   # ~5 s
+@pytest.mark.ci
 def test_a_truncated_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp_path):
     overrides = [*TINY, "train.keep_last=0"]
     train_script.train(compose_config(overrides=[*overrides, "train.steps=6", f"run_dir={tmp_path}/ref"]))
@@ -158,10 +163,12 @@ def small_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["sample.py", "ckpt={run}", "sampler=euler"], "unknown sampler 'euler'"),
+    pytest.param(["sample.py", "ckpt={run}", "sampler=euler"], "unknown sampler 'euler'",
+                 marks=[pytest.mark.slow, pytest.mark.ci]),
     pytest.param(["sample.py", "ckpt=/no/such/ckpt.pt"], "does not exist", marks=pytest.mark.slow),
     pytest.param(["sample.py", "ckpt={run}", "class_labels=[42]"], "outside 0..10", marks=pytest.mark.slow),
-    (["train.py", *TINY, "run_dir={run}", "model=DiT-T-4"], "restore those settings to resume"),
+    pytest.param(["train.py", *TINY, "run_dir={run}", "model=DiT-T-4"], "restore those settings to resume",
+                 marks=[pytest.mark.slow, pytest.mark.ci]),
     pytest.param(["train.py", *TINY, "run_dir={tmp}/x", "precision=fp16"], "choose one of fp32, bf16, auto",
                  marks=pytest.mark.slow),
     pytest.param(["train.py", *TINY, "run_dir={tmp}/x", "optim.cooldown_fraction=1.5"],
@@ -170,8 +177,8 @@ def small_run(tmp_path_factory):
                   "data.image_size=8"], "does not exist; set data.path", marks=pytest.mark.slow),
     pytest.param(["extract_latents.py", "data=digits", "out={tmp}/cache"], "latent caches are made from image folders",
                  marks=pytest.mark.slow),
-    (["-m", "evaluation", "fid", "{tmp}/none.npz", "--ref", "{tmp}/none_ref.npz", "--features", "digits"],
-     "expected a samples .npz"),
+    pytest.param(["-m", "evaluation", "fid", "{tmp}/none.npz", "--ref", "{tmp}/none_ref.npz", "--features",
+                  "digits"], "expected a samples .npz", marks=[pytest.mark.slow, pytest.mark.ci]),
 ])
 def test_user_mistakes_print_one_message_without_a_traceback(args, says, small_run, tmp_path):
     args = [a.format(run=small_run, tmp=tmp_path) for a in args]

@@ -177,6 +177,8 @@ def test_the_collector_prefers_the_evaluation_loss_and_never_averages_it(tmp_pat
     assert scaling.collect([tmp_path / "runs"], out_dir=tmp_path / "fid", metric="fid")["metric"] == "fid"
 
 
+@pytest.mark.slow   # a subprocess, ~15 s
+@pytest.mark.ci
 def test_the_collectors_command_line_reports_a_users_mistake_in_one_line(tmp_path):
     import subprocess
     import sys

@@ -194,7 +194,8 @@ def test_checkpointing_option_trains(tmp_path):
     from utils.checkpoint import latest_checkpoint, load_checkpoint
 
     for name, extra in (("plain", []), ("ckpt", ["train.grad_checkpoint=true"])):
-        train_script.train(compose_config(overrides=[*TRAIN, "train.steps=2", *extra, f"run_dir={tmp_path}/{name}"]))
+        train_script.train(compose_config(overrides=[*TRAIN, "train.steps=2", "fid.at_end=false", *extra,
+                                                     f"run_dir={tmp_path}/{name}"]))
     a = load_checkpoint(latest_checkpoint(tmp_path / "plain" / "checkpoints"))["model"]
     b = load_checkpoint(latest_checkpoint(tmp_path / "ckpt" / "checkpoints"))["model"]
     for name in a:
@@ -239,7 +240,8 @@ def test_gradient_accumulation_gives_the_same_training(tmp_path):
     from conftest import compose_config, final_state
 
     for name, extra in (("whole", []), ("accum", ["train.grad_accum=4"])):
-        train_script.train(compose_config(overrides=[*TRAIN, "train.steps=2", *extra, f"run_dir={tmp_path}/{name}"]))
+        train_script.train(compose_config(overrides=[*TRAIN, "train.steps=2", "fid.at_end=false", *extra,
+                                                     f"run_dir={tmp_path}/{name}"]))
     whole, accum = final_state(tmp_path / "whole"), final_state(tmp_path / "accum")
     for key in ("model", "ema"):
         for name in whole[key]:

@@ -240,6 +240,8 @@ def hold_lock(folder, then="time.sleep(60)"):
     return proc
 
 
+@pytest.mark.slow   # ~3 s
+@pytest.mark.ci
 def test_a_second_writer_is_refused_with_the_holders_name_until_it_ends(tmp_path):
     proc = hold_lock(tmp_path)
     try:
@@ -253,6 +255,8 @@ def test_a_second_writer_is_refused_with_the_holders_name_until_it_ends(tmp_path
     RunLock(tmp_path).acquire().release()   # the kernel dropped the dead holder's lock
 
 
+@pytest.mark.slow   # ~4 s
+@pytest.mark.ci
 def test_a_lock_kept_by_a_leftover_child_of_a_dead_holder_is_taken_over(tmp_path):
     # The holder starts a child that inherits the locked file (as DataLoader workers do) and dies.
     then = ("import subprocess; child = subprocess.Popen(['sleep', '60'], pass_fds=(lock.fd,)); "
@@ -355,6 +359,8 @@ save_checkpoint({{"model": {{"w": torch.zeros(100000)}}}}, {folder!r}, 4)
 """
 
 
+@pytest.mark.slow   # ~3 s
+@pytest.mark.ci
 def test_a_full_disk_leaves_no_temporary_file_and_stops_with_one_message(tmp_path):
     result = subprocess.run([sys.executable, "-c", FULL_DISK.format(root=str(ROOT), folder=str(tmp_path))],
                             capture_output=True, text=True, timeout=120)
@@ -423,6 +429,7 @@ def test_sample_py_renames_nothing_in_a_run_folder(four_steps, tmp_path):
     assert listing(run_dir) == before
 
 
+@pytest.mark.slow   # ~3 s
 def test_samplers_with_other_settings_never_replace_each_others_samples(four_steps, tmp_path):
     import sample as sample_script
     run_dir = tmp_path / "run"

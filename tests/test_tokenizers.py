@@ -311,6 +311,7 @@ def test_an_older_cache_without_element_statistics_is_refused_with_the_fix(files
                                                           cache=cache)))
 
 
+@pytest.mark.slow   # ~4 s
 def test_sampling_with_another_normalisation_is_refused(files, tmp_path):
     plain = overrides(files, "dc", tmp_path / "plain", "train.steps=1")
     train_script.train(compose_config(overrides=plain))

@@ -44,7 +44,10 @@ def group_options(group):
 # Configs
 # ------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("group", ["model", "data", "diffusion", "optim", "logger", "experiment"])
+@pytest.mark.parametrize("group", [   # models and experiments: 49 and 27 files, 22 s; the sweeps' and the latent
+    pytest.param("model", marks=pytest.mark.slow),   # recipes' experiments also compose in test_scaling_study.py and
+    "data", "diffusion", "optim", "logger",          # test_latent_experiments.py
+    pytest.param("experiment", marks=pytest.mark.slow)])
 def test_every_config_composes(group, tmp_path):
     options = group_options(group)
     assert options, f"conf/{group} is empty"
@@ -220,12 +223,14 @@ def test_resume_with_another_objective_is_refused(trained_run, tmp_path):
 
 
 
-@pytest.mark.parametrize("objective", [pytest.param("ddpm", marks=pytest.mark.slow), "flow",
+@pytest.mark.parametrize("objective", [pytest.param("ddpm", marks=pytest.mark.slow),
+                                       pytest.param("flow", marks=[pytest.mark.slow, pytest.mark.ci]),
                                        pytest.param("meanflow", marks=pytest.mark.slow),
                                        pytest.param("shortcut", marks=pytest.mark.slow)])
 def test_resume_after_sigkill_is_bit_exact(tmp_path, objective):
-    overrides = [*PINNED, f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=12", "train.batch_size=16", "train.log_every=1",
-                 "train.ckpt_every=3", "train.keep_last=10", "sample.steps=2", "sample.per_class=1"]
+    overrides = [*PINNED, f"diffusion={objective}", "logger=none", "device=cpu", "train.steps=12", "train.batch_size=16",
+                 "train.log_every=1", "train.ckpt_every=3", "train.keep_last=10", "sample.steps=2", "sample.per_class=1",
+                 "fid.at_end=false"]
     # The reference: one uninterrupted run.
     train_script.train(compose_config(overrides=[*overrides, f"run_dir={tmp_path}/ref"]))
 
@@ -274,6 +279,7 @@ def test_learning_rate_decays_to_a_floor_and_holds_it_after_the_decays_end():
             schedule(optim(**bad), 8)
 
 
+@pytest.mark.slow   # ~4 s; the schedule itself is tested fast above
 def test_cooldown_is_logged_and_resumes_exactly(tmp_path):
     overrides = [*TINY, "train.steps=6", "train.log_every=1", "optim.warmup_steps=0", "optim.cooldown_fraction=0.67"]  # 4 of 6 steps
     train_script.train(compose_config(overrides=[*overrides, f"run_dir={tmp_path}/ref"]))
@@ -293,9 +299,9 @@ def test_cooldown_is_logged_and_resumes_exactly(tmp_path):
 # Distributed
 # ------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("objective, param", [
-    ("flow", "sp"), *(pytest.param(o, p, marks=pytest.mark.slow)   # the rest in CI's distributed run
-                      for o, p in (("ddpm", "sp"), ("flow", "mup"), ("meanflow", "sp"), ("shortcut", "sp")))])
+@pytest.mark.parametrize("objective, param", [   # slow (25 s and more each); CI runs them all in every run
+    ("flow", "sp"), ("ddpm", "sp"), ("flow", "mup"), ("meanflow", "sp"), ("shortcut", "sp")])
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, objective, param):
     """Two processes train what one does; under μP too (its per-group learning rates, readout multiplier)."""
@@ -379,6 +385,7 @@ def test_bad_device_and_precision(tmp_path):
 # Logging and sweeps
 # ------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow   # ~5 s
 def test_wandb_offline_run(tmp_path):
     overrides = [o for o in TINY if not o.startswith("logger")] + ["logger=wandb", "logger.mode=offline",
                                                                   f"run_dir={tmp_path}"]

@@ -133,7 +133,8 @@ LATENT = dict(input_size=32, in_channels=4, num_classes=1000)
 UNET_TABLE = {"T": (3.3, 0.76), "S": (41.1, 6.46), "B": (163.5, 25.34), "L": (548.1, 84.39), "XL": (765.2, 117.66)}
 
 
-@pytest.mark.parametrize("size", list(UNET_TABLE))
+@pytest.mark.parametrize("size", [size if size in ("T", "XL") else pytest.param(size, marks=pytest.mark.slow)
+                                  for size in UNET_TABLE])   # 2 s a size: the ends in the default suite
 def test_gflops_table(size):
     # Forward Gflops at 32x32x4 (the DiT paper's 256x256 setting) within +-15% of the matched DiT.
     unet = model_stats(lambda: UNet_models[f"UNet-{size}"](**LATENT), (4, 32, 32))
@@ -194,10 +195,11 @@ def digits():
 
 @pytest.fixture(scope="module")
 def trained(digits):
-    """UNet-T after 25 AdamW steps on the digits, and its loss on a fixed batch before and after."""
+    """UNet-T8 (the smallest digits U-Net: 3 s here against UNet-T's 13) after 25 AdamW steps on the digits, and its
+    loss on a fixed batch before and after."""
     torch.manual_seed(0)
     x, y = digits
-    model = tiny_unet()
+    model = create_model("UNet-T8", input_size=8, in_channels=1, num_classes=10)
     diffusion = create_diffusion(timestep_respacing="")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)
     # A fixed evaluation batch (data, timesteps and noise), so the comparison is not noise.
@@ -225,7 +227,7 @@ def trained(digits):
 def test_training_lowers_the_loss(trained):
     _, before, after = trained
     assert before == pytest.approx(1.0, abs=0.1)  # zero output: the epsilon MSE starts at E[eps^2] = 1
-    assert after < 0.6 * before, (before, after)  # about 0.2 after 25 steps
+    assert after < 0.6 * before, (before, after)  # about 0.4 after 25 steps
 
 
 def test_cfg_sampling(trained):
