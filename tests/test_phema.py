@@ -134,6 +134,7 @@ def test_snapshots_must_fall_on_step_boundaries(tmp_path):
                                                      f"run_dir={tmp_path}"]))
 
 
+@pytest.mark.slow   # ~2.5 s
 def test_the_sweep_scores_every_reconstruction_and_marks_the_best(tmp_path):
     import json
 

@@ -170,7 +170,7 @@ def test_compiled_blocks_keep_the_hook_and_match_eager(tmp_path):
         torch.testing.assert_close(compiled["model"][name], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("extra", [["diffusion=ddpm"], ["precision=bf16"]])
+@pytest.mark.parametrize("extra", [["diffusion=ddpm"], pytest.param(["precision=bf16"], marks=pytest.mark.slow)])
 def test_repa_trains_with_ddpm_and_in_bf16_and_sample_py_needs_no_projector(extra, tmp_path):
     import numpy as np
 

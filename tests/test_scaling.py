@@ -108,6 +108,7 @@ def test_collector_fits_each_family_on_a_two_family_sweep(tmp_path):
         scaling.collect([tmp_path / "sweep"], out_dir=tmp_path / "out")
 
 
+@pytest.mark.slow   # ~6 s (three collections, twelve figures)
 def test_collector_prefers_fid_and_recomputes_missing_compute(tmp_path):
     # FID rows (as train.py logs them) in every run: FID is the metric; no train_compute_gflops logged: the
     # collector computes it from config.yaml's batch size and the logged Gflops.

@@ -191,6 +191,7 @@ def _two_rank_worker(rank, root):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow   # ~4.5 s; distributed: CI runs it every time
 @pytest.mark.distributed
 def test_rank_0_decides_for_all_and_its_failures_stop_every_rank(tmp_path):
     import multiprocessing

@@ -422,7 +422,7 @@ def test_fid_during_training(tmp_path):
     assert [r["step"] for r in fids] == [2, 4] and all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in fids)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.slow), "bf16"])   # bf16 is the case
 def test_grids_and_fid_samples_are_drawn_in_the_training_precision(precision, tmp_path, monkeypatch):
     """train.py's own sampling (grids, FD samples) runs the network under the training precision's autocast; what
     it decodes and scores is fp32 either way."""
