@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,6 @@ SIGNAL_RUN = [*PINNED, "logger=none", "device=cpu", "train.steps=40", "train.bat
 
 def wait_for_rows(run_dir, n, proc, timeout=180):
     """Wait until a training subprocess has logged `n` metrics rows (it is under way), or fail with its output."""
-    import time
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         path = Path(run_dir) / "metrics.jsonl"
@@ -156,7 +156,7 @@ def wait_for_rows(run_dir, n, proc, timeout=180):
 # ------------------------------------------------------------------------------------------------------------
 # A time budget for a run (CI's slow tests): `--budget S` runs the tests every CI run must have first (marked
 # `distributed` or `ci`), then the others in their order until S seconds have passed since the session began; a
-# test that would start later is skipped with the reason, so `-ra` names each one left out.
+# test that would start later is skipped, and the summary lists each one left out by name.
 # ------------------------------------------------------------------------------------------------------------
 
 def pytest_addoption(parser):
@@ -174,12 +174,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionstart(session):
-    import time
     session.config._budget_start = time.monotonic()
 
 
 def pytest_runtest_setup(item):
-    import time
     budget = item.config.getoption("--budget")
     if budget is not None and not _always(item) and time.monotonic() - item.config._budget_start > budget:
         item.config._budget_left_out = [*getattr(item.config, "_budget_left_out", []), item.nodeid]
