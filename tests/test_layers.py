@@ -7,6 +7,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
 
@@ -66,3 +68,13 @@ def test_the_contracts_catch_upward_imports_and_circles(tmp_path):
     assert "diffusion/ and evaluation/ know nothing of each other BROKEN" in out                # the independence
     assert "evaluation.digits -> evaluation.evaluator" in out                                   # the circle
     assert "models/ and data/ know nothing of each other KEPT" in out
+
+
+@pytest.mark.slow   # a fresh interpreter, ~11 s
+def test_a_dit_run_starts_without_importing_diffusers():
+    """diffusers (~3 s of start-up) is imported where a U-Net, a tokenizer or DPM-Solver++ is built, never by the
+    scripts' imports alone."""
+    code = "import sys, train, sample; print('diffusers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False", "a module imports diffusers at the top again"
